@@ -1,0 +1,444 @@
+"""The wire protocol between clients and workers: length-prefixed msgpack frames.
+
+One module owns every byte that crosses the client socket (STYLE.md principle 7); the worker,
+the supervisor's control socket and both clients import from here and nowhere else.
+
+Frame
+-----
+::
+
+    0        4                                   4+N
+    +--------+-----------------------------------+
+    | N (u32 | one msgpack map, N bytes          |
+    |  big-  | (N >= 1, N <= max_frame)          |
+    | endian)|                                   |
+    +--------+-----------------------------------+
+
+``max_frame`` defaults to ``DEFAULT_MAX_FRAME`` (272 MiB: a 256 MiB tensor plus headroom) and is
+checked on the 4-byte header *before* the body is buffered, so a hostile peer cannot make us
+allocate more than that.  N > max_frame -> ``FrameTooLarge``; N == 0 -> ``Malformed``.  The body
+is unpacked with msgpack's own limits for untrusted input (every ``max_*_len`` derived from
+max_frame, ``max_ext_len=0``, ``strict_map_key=True``, ``raw=False``): ext types are refused.
+
+Request (client -> worker)
+--------------------------
+
+=========  ==============  ===================================================================
+key        type            meaning
+=========  ==============  ===================================================================
+v          int             ``PROTOCOL_VERSION`` (1); another value -> error ``malformed``
+id         int             0 .. 2**63-1, chosen by the client, unique among its in-flight calls
+op         str             ``infer`` | ``models`` | ``ping`` (the control socket adds more);
+                           unknown -> error ``unsupported_op``
+model      str             infer only: model name
+inputs     map str->T      infer only: input name -> tensor T
+outputs    [str] | nil     infer only, optional: output names; nil/absent = all, model order
+version    int | nil       optional: pin the weight version
+=========  ==============  ===================================================================
+
+Tensor T
+--------
+
+=====  ===========  ==========================================================================
+key    type         meaning
+=====  ===========  ==========================================================================
+dtype  str          numpy name, one of ``ALLOWED_DTYPES`` (else ``bad_dtype``)
+shape  [int]        non-negative ints, at most ``MAX_DIMS`` (32); [] is a scalar
+data   bin          raw little-endian C-order bytes, len == prod(shape) * itemsize
+                    (else ``bad_shape``)
+=====  ===========  ==========================================================================
+
+Response (worker -> client)
+---------------------------
+
+Always ``v``, ``id``, ``ok`` (bool).  Responses may come back in any order; match them by id.
+
+=========  ===========================================================================
+op / case  extra keys
+=========  ===========================================================================
+infer      ``version`` int (weights that computed it), ``outputs`` [[name, T], ...] in
+           the order asked
+models     ``models`` [{name, version, inputs: [{name, dtype, shape}], outputs: [...]}]
+           (dynamic dims are str or nil)
+ping       ``ready`` bool, ``pid`` int, optional extra info keys
+other ops  op-specific keys (see ``ok_result``)
+error      ``ok`` false, ``error`` {code: str, message: str}; code is a key of
+           ``shmcache.errors.ERROR_CLASSES``
+=========  ===========================================================================
+
+Malformed frames versus bad requests
+------------------------------------
+A frame that cannot be decoded (bad length, not msgpack, not a map, missing or invalid ``id``)
+leaves the byte stream untrustworthy, like msgpack's Unpacker after any error but OutOfData:
+the server sends a best-effort error with id nil and closes the connection.  ``parse_request``
+signals this case by raising ``Malformed`` with ``request_id is None``.  A well-framed map with
+bad contents gets an error response on its id and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from shmcache import errors
+
+PROTOCOL_VERSION: int = 1
+DEFAULT_MAX_FRAME: int = 272 * 1024 * 1024
+HEADER = struct.Struct(">I")
+MAX_DIMS = 32
+MAX_ID = 2**63 - 1
+ALLOWED_DTYPES: frozenset[str] = frozenset(
+    {
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    }
+)
+DEFAULT_OPS: frozenset[str] = frozenset({"infer", "models", "ping"})
+# Ops a client may resend on a fresh connection after a broken one: they change nothing.
+IDEMPOTENT_OPS: frozenset[str] = DEFAULT_OPS
+
+# The wire is little-endian whatever the host is; "<" keeps frombuffer honest on big-endian
+# hosts and makes the equality test in tensor_to_wire a no-op (no copy) on little-endian ones.
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name).newbyteorder("<") for name in ALLOWED_DTYPES
+}
+# Below this, header and body go out in one write (one syscall); above it, joining them would
+# copy a large tensor a second time just to save a syscall.
+_JOIN_LIMIT = 64 * 1024
+
+
+# --- framing --------------------------------------------------------------------------------
+
+
+def encode_frame_parts(msg: Mapping[str, Any], max_frame: int | None = None) -> list[bytes | memoryview]:
+    """Pack ``msg`` into ``[header, body]`` without copying the body out of msgpack's buffer.
+
+    msgpack copies each tensor once into its buffer; ``packb`` would copy it again into a bytes
+    object and ``header + body`` a third time.  ``getbuffer()`` hands out the packer's buffer
+    itself, so writers that take several buffers (``sendall`` twice, ``writelines``) pay for
+    exactly one copy.  ``max_frame`` lets a sender refuse a frame the peer would reject anyway.
+    """
+    packer = msgpack.Packer(autoreset=False)
+    packer.pack(msg)
+    body = packer.getbuffer()
+    size = len(body)
+    if max_frame is not None and size > max_frame:
+        body.release()
+        raise errors.FrameTooLarge(f"frame of {size} bytes exceeds max_frame={max_frame}")
+    header = HEADER.pack(size)
+    if size <= _JOIN_LIMIT:
+        joined = header + body
+        body.release()
+        return [joined]
+    return [header, body]
+
+
+def encode_frame(msg: Mapping[str, Any]) -> bytes:
+    """Header + packed body as one bytes object (two copies of tensors; see encode_frame_parts)."""
+    return b"".join(encode_frame_parts(msg))
+
+
+def decode_body(body: bytes | bytearray | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
+    """Unpack one frame body into a map, or raise ``Malformed``.
+
+    msgpack reports bad input through a zoo of ValueError subclasses (ExtraData, FormatError,
+    StackError, UnicodeDecodeError) plus TypeError for unhashable keys; all of them mean the
+    peer sent something that is not a frame, so all of them become one typed error.
+    """
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=max_frame,
+            max_str_len=max_frame,
+            max_array_len=max_frame,
+            max_map_len=max_frame // 2,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise errors.Malformed(f"frame body is not msgpack: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise errors.Malformed(f"frame body is a {type(obj).__name__}, not a map")
+    return obj
+
+
+class FrameDecoder:
+    """Turn a byte stream into messages: ``feed()`` what arrived, get the complete maps back.
+
+    Shaped like msgpack's ``Unpacker``: it keeps partial frames between calls, and after it
+    raises ``FrameTooLarge`` or ``Malformed`` the stream position is lost, so it refuses further
+    input and the caller must close the connection.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need: int | None = None  # body length of the frame being read, once known
+        self._broken = False
+
+    def pending(self) -> int:
+        """Bytes buffered but not yet returned as a message."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
+        """Buffer ``data``; return every message it completed, in order."""
+        if self._broken:
+            raise errors.Malformed("decoder is unusable after an earlier error")
+        try:
+            return self._feed(data)
+        except errors.RemoteError:
+            self._broken = True
+            self._buf = bytearray()
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
+        self._buf += data
+        out: list[dict[str, Any]] = []
+        while True:
+            if self._need is None:
+                if len(self._buf) < HEADER.size:
+                    return out
+                self._need = self._check_header(HEADER.unpack_from(self._buf)[0])
+            end = HEADER.size + self._need
+            if len(self._buf) < end:
+                return out
+            with memoryview(self._buf) as view, view[HEADER.size : end] as body:
+                out.append(decode_body(body, self.max_frame))
+            # Deleting from the front of a bytearray is O(1) in CPython (it moves ob_start).
+            del self._buf[:end]
+            self._need = None
+
+    def _check_header(self, size: int) -> int:
+        if size > self.max_frame:
+            raise errors.FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self.max_frame}")
+        if size == 0:
+            raise errors.Malformed("frame of length 0")
+        return size
+
+
+# --- tensors --------------------------------------------------------------------------------
+
+
+def tensor_to_wire(arr: np.ndarray) -> dict[str, Any]:
+    """Describe ``arr`` as a wire tensor; ``data`` is a view of the array, not a copy.
+
+    Only big-endian or non-contiguous arrays are converted (one copy each); msgpack then copies
+    the view once into its buffer.  Unsupported dtypes raise ``BadDtype``.
+    """
+    name = arr.dtype.name
+    wire = _WIRE_DTYPES.get(name)
+    if wire is None or arr.dtype.kind not in "biuf":
+        raise errors.BadDtype(f"dtype {arr.dtype} is not one of {sorted(ALLOWED_DTYPES)}")
+    if arr.dtype != wire:
+        arr = arr.astype(wire)
+    arr = np.ascontiguousarray(arr)
+    return {"dtype": name, "shape": list(arr.shape), "data": arr.reshape(-1).view(np.uint8).data}
+
+
+def tensor_from_wire(obj: object) -> np.ndarray:
+    """Check a wire tensor and return a read-only array over its bytes (no copy)."""
+    if not isinstance(obj, dict):
+        raise errors.Malformed(f"tensor must be a map, got {type(obj).__name__}")
+    dtype_name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
+        raise errors.BadDtype(f"dtype {dtype_name!r} is not one of {sorted(ALLOWED_DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise errors.BadShape(f"shape must be a list of at most {MAX_DIMS} ints, got {shape!r}")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise errors.BadShape(f"shape must hold non-negative ints, got {shape!r}")
+    if not isinstance(data, bytes):
+        raise errors.Malformed(f"tensor data must be bin, got {type(data).__name__}")
+    dtype = _WIRE_DTYPES[dtype_name]
+    # Python ints: a hostile shape like [2**62, 2**62] must not overflow into a match.
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise errors.BadShape(
+            f"data has {len(data)} bytes, shape {shape} of {dtype_name} needs {expected}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request that passed every check at the edge; inner code trusts it (principle 8)."""
+
+    id: int
+    op: str
+    model: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None
+    version: int | None
+    raw: dict[str, Any]
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # bool is an int subclass, and never a valid id or version
+
+
+def parse_request(msg: object, ops: frozenset[str] = DEFAULT_OPS) -> Request:
+    """Validate a decoded frame as a request.
+
+    Raises ``Malformed`` with ``request_id=None`` when the frame has no usable id (the caller
+    must close the connection), otherwise a typed ``RemoteError`` carrying the request id so
+    the caller can answer it and keep the connection.  ``ops`` lets the control socket accept
+    its own ops through the same checks.
+    """
+    if not isinstance(msg, dict):
+        raise errors.Malformed(f"request must be a map, got {type(msg).__name__}")
+    rid = msg.get("id")
+    if not _is_int(rid) or not 0 <= rid <= MAX_ID:
+        raise errors.Malformed(f"request id must be an int in 0..2**63-1, got {rid!r}")
+    try:
+        return _parse_fields(rid, msg, ops)
+    except errors.RemoteError as exc:
+        exc.request_id = rid
+        raise
+
+
+def _parse_fields(rid: int, msg: dict[str, Any], ops: frozenset[str]) -> Request:
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise errors.Malformed(
+            f"protocol version {msg.get('v')!r} not supported; this server speaks version "
+            f"{PROTOCOL_VERSION}"
+        )
+    op = msg.get("op")
+    if not isinstance(op, str):
+        raise errors.Malformed(f"op must be a str, got {op!r}")
+    if op not in ops:
+        raise errors.UnsupportedOp(f"unsupported op {op!r}; supported: {sorted(ops)}")
+    model = msg.get("model")
+    if op == "infer" and not isinstance(model, str):
+        raise errors.Malformed(f"infer needs a model name (str), got {model!r}")
+    if model is not None and not isinstance(model, str):
+        raise errors.Malformed(f"model must be a str, got {model!r}")
+    version = msg.get("version")
+    if version is not None and (not _is_int(version) or version < 0):
+        raise errors.Malformed(f"version must be a non-negative int, got {version!r}")
+    outputs = msg.get("outputs")
+    if outputs is not None and (
+        not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)
+    ):
+        raise errors.Malformed(f"outputs must be a list of str or nil, got {outputs!r}")
+    raw_inputs = msg.get("inputs")
+    if raw_inputs is None and op == "infer":
+        raise errors.Malformed("infer needs inputs")
+    inputs = _parse_inputs(raw_inputs) if raw_inputs is not None else {}
+    return Request(rid, op, model, inputs, outputs, version, msg)
+
+
+def _parse_inputs(raw: object) -> dict[str, np.ndarray]:
+    if not isinstance(raw, dict):
+        raise errors.Malformed(f"inputs must be a map, got {type(raw).__name__}")
+    inputs: dict[str, np.ndarray] = {}
+    for name, tensor in raw.items():
+        if not isinstance(name, str):
+            raise errors.Malformed(f"input names must be str, got {name!r}")
+        try:
+            inputs[name] = tensor_from_wire(tensor)
+        except errors.RemoteError as exc:
+            exc.message = f"input {name!r}: {exc.message}"
+            exc.args = (exc.message,)
+            raise
+    return inputs
+
+
+def make_request(request_id: int, op: str, **fields: object) -> dict[str, Any]:
+    """Build a request map; None fields are left out and ``inputs`` arrays become tensors."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key == "inputs" and isinstance(value, Mapping):
+            value = {
+                name: tensor_to_wire(np.ascontiguousarray(arr)) for name, arr in value.items()
+            }
+        msg[key] = value
+    return msg
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def ok_result(request_id: int, **fields: object) -> dict[str, Any]:
+    """A success response carrying op-specific ``fields`` (the control socket's ops use this)."""
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **fields}
+
+
+def ok_infer(
+    request_id: int, version: int, outputs: Iterable[tuple[str, np.ndarray]]
+) -> dict[str, Any]:
+    """Success for ``infer``: outputs in the order the client asked for them."""
+    wire = [[name, tensor_to_wire(np.asarray(arr))] for name, arr in outputs]
+    return ok_result(request_id, version=version, outputs=wire)
+
+
+def ok_models(request_id: int, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Success for ``models``: one map per model, as documented at the top of this module."""
+    return ok_result(request_id, models=models)
+
+
+def ok_ping(request_id: int, ready: bool, **info: object) -> dict[str, Any]:
+    """Success for ``ping``; ``pid`` defaults to the answering process."""
+    info.setdefault("pid", os.getpid())
+    return ok_result(request_id, ready=ready, **info)
+
+
+def error_reply(request_id: int | None, exc: BaseException) -> dict[str, Any]:
+    """An error response: a RemoteError keeps its code, anything else is ``internal``."""
+    if isinstance(exc, errors.RemoteError):
+        code, message = exc.code, exc.message
+    else:
+        code, message = errors.Internal.code, f"{type(exc).__name__}: {exc}"
+    return {
+        "v": PROTOCOL_VERSION,
+        "id": request_id,
+        "ok": False,
+        "error": {"code": code, "message": message},
+    }
+
+
+def check_reply(msg: dict[str, Any]) -> dict[str, Any]:
+    """Return a success response unchanged, or raise the error class its code names."""
+    if msg.get("ok") is True:
+        return msg
+    err = msg.get("error")
+    rid = msg.get("id") if _is_int(msg.get("id")) else None
+    if not isinstance(err, dict):
+        raise errors.Malformed(f"response is neither ok nor an error: {msg!r}"[:200])
+    code, message = err.get("code"), err.get("message")
+    raise errors.error_from_code(str(code), str(message), rid)
+
+
+def outputs_from_reply(msg: dict[str, Any]) -> list[np.ndarray]:
+    """The output arrays of a successful infer response, in wire order."""
+    pairs = msg.get("outputs")
+    if not isinstance(pairs, list):
+        raise errors.Malformed("infer response has no outputs list")
+    out: list[np.ndarray] = []
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise errors.Malformed(f"output entry must be [name, tensor], got {pair!r}"[:200])
+        out.append(tensor_from_wire(pair[1]))
+    return out
