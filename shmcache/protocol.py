@@ -238,6 +238,11 @@ class FrameDecoder:
 # --- tensors --------------------------------------------------------------------------------
 
 
+def as_c_contiguous(arr: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray`` that keeps 0-d arrays 0-d (it turns a scalar into shape (1,))."""
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
 def tensor_to_wire(arr: np.ndarray) -> dict[str, Any]:
     """Describe ``arr`` as a wire tensor; ``data`` is a view of the array, not a copy.
 
@@ -249,8 +254,8 @@ def tensor_to_wire(arr: np.ndarray) -> dict[str, Any]:
     if wire is None or arr.dtype.kind not in "biuf":
         raise errors.BadDtype(f"dtype {arr.dtype} is not one of {sorted(ALLOWED_DTYPES)}")
     if arr.dtype != wire:
-        arr = arr.astype(wire)
-    arr = np.ascontiguousarray(arr)
+        arr = arr.astype(wire, order="C")
+    arr = as_c_contiguous(arr)
     return {"dtype": name, "shape": list(arr.shape), "data": arr.reshape(-1).view(np.uint8).data}
 
 
@@ -372,7 +377,7 @@ def make_request(request_id: int, op: str, **fields: object) -> dict[str, Any]:
             continue
         if key == "inputs" and isinstance(value, Mapping):
             value = {
-                name: tensor_to_wire(np.ascontiguousarray(arr)) for name, arr in value.items()
+                name: tensor_to_wire(np.asarray(arr)) for name, arr in value.items()
             }
         msg[key] = value
     return msg
