@@ -1,0 +1,59 @@
+"""The tensor element types a segment can hold: ONNX TensorProto codes <-> numpy dtypes.
+
+Every type numpy can represent is supported, plus bfloat16 through ml_dtypes (which onnx itself
+depends on). Strings, complex numbers and the 4/8-bit float and integer types are refused with
+a message naming the type: they cannot be held as a flat array of fixed-size elements that both
+numpy and ONNX Runtime read the same way.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+from onnx import TensorProto
+
+from shmcache.errors import ModelError
+
+DTYPES_BY_CODE: dict[int, np.dtype] = {
+    TensorProto.FLOAT: np.dtype("<f4"),
+    TensorProto.DOUBLE: np.dtype("<f8"),
+    TensorProto.FLOAT16: np.dtype("<f2"),
+    TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    TensorProto.INT8: np.dtype("i1"),
+    TensorProto.INT16: np.dtype("<i2"),
+    TensorProto.INT32: np.dtype("<i4"),
+    TensorProto.INT64: np.dtype("<i8"),
+    TensorProto.UINT8: np.dtype("u1"),
+    TensorProto.UINT16: np.dtype("<u2"),
+    TensorProto.UINT32: np.dtype("<u4"),
+    TensorProto.UINT64: np.dtype("<u8"),
+    TensorProto.BOOL: np.dtype("?"),
+}
+
+_CODES_BY_DTYPE: dict[np.dtype, int] = {dt: code for code, dt in DTYPES_BY_CODE.items()}
+
+
+def type_name(code: int) -> str:
+    """ONNX's own name for a data type code, e.g. 'FLOAT16'."""
+    try:
+        return TensorProto.DataType.Name(code)
+    except ValueError:
+        return f"type code {code}"
+
+
+def numpy_dtype_for(code: int) -> np.dtype:
+    try:
+        return DTYPES_BY_CODE[code]
+    except KeyError:
+        raise ModelError(
+            f"ONNX type {type_name(code)} cannot be held in shared memory "
+            "(supported: bool, int8..int64, uint8..uint64, float16, bfloat16, float32, float64)"
+        ) from None
+
+
+def onnx_code_for(dtype: np.dtype) -> int:
+    little = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else dtype
+    try:
+        return _CODES_BY_DTYPE[np.dtype(little)]
+    except KeyError:
+        raise ModelError(f"numpy dtype {dtype} has no ONNX tensor type shmcache supports") from None
