@@ -1,0 +1,71 @@
+"""shmcache: serve ONNX models from many processes on one Linux host with one copy of the weights.
+
+The package root exports what a client program needs: the two clients and every typed error.
+"""
+
+from __future__ import annotations
+
+from shmcache.client import AsyncClient, Client, ModelInfo, TensorInfo
+from shmcache.errors import (
+    ERROR_CLASSES,
+    BadDtype,
+    BadShape,
+    Busy,
+    ConnectionFailed,
+    FrameTooLarge,
+    Internal,
+    Malformed,
+    MissingInput,
+    ModelError,
+    NoSpace,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PublishFailed,
+    RemoteError,
+    SegmentCorrupt,
+    SegmentError,
+    SegmentExists,
+    SegmentNotFound,
+    ShmcacheError,
+    Timeout,
+    UnknownInput,
+    UnknownModel,
+    UnknownOutput,
+    UnsupportedOp,
+    error_from_code,
+)
+
+__all__ = [
+    "ERROR_CLASSES",
+    "AsyncClient",
+    "BadDtype",
+    "BadShape",
+    "Busy",
+    "Client",
+    "ConnectionFailed",
+    "FrameTooLarge",
+    "Internal",
+    "Malformed",
+    "MissingInput",
+    "ModelError",
+    "ModelInfo",
+    "NoSpace",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "PublishFailed",
+    "RemoteError",
+    "SegmentCorrupt",
+    "SegmentError",
+    "SegmentExists",
+    "SegmentNotFound",
+    "ShmcacheError",
+    "TensorInfo",
+    "Timeout",
+    "UnknownInput",
+    "UnknownModel",
+    "UnknownOutput",
+    "UnsupportedOp",
+    "error_from_code",
+]

@@ -1,0 +1,316 @@
+"""Client and AsyncClient against tests/fakeserver.py in its own process, over a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shmcache import AsyncClient, Client, ModelInfo, errors
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKESERVER = ROOT / "tests" / "fakeserver.py"
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def connectable(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+class FakeServer:
+    """One fakeserver process; start() waits until its socket accepts connections."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen([sys.executable, str(FAKESERVER), self.path, *args], env=env)
+        proc = self.proc
+        wait_for(lambda: proc.poll() is not None or connectable(self.path), what="fakeserver")
+        assert proc.poll() is None, "fakeserver exited at startup"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "w.sock")
+
+
+@pytest.fixture
+def server(sock_path: str) -> Iterator[FakeServer]:
+    srv = FakeServer(sock_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture
+def client(server: FakeServer) -> Iterator[Client]:
+    with Client(server.path, timeout=10.0) as c:
+        yield c
+
+
+# --- blocking client ------------------------------------------------------------------------
+
+
+def test_run_like_onnxruntime(client: Client) -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    y, z = client.run("add_one", None, {"x": x})
+    np.testing.assert_array_equal(y, x + 1)
+    np.testing.assert_array_equal(z, x * 2)
+    (z_only,) = client.run("add_one", ["z"], {"x": x})
+    np.testing.assert_array_equal(z_only, x * 2)
+    assert client.last_version == 7
+
+
+def test_run_with_version_and_python_inputs(client: Client) -> None:
+    outs, version = client.run_with_version("add_one", ["y"], {"x": [[1.5, 2.5]]})
+    assert version == 7
+    np.testing.assert_array_equal(outs[0], [[2.5, 3.5]])
+    (scalar,) = client.run("add_one", ["y"], {"x": np.int64(4)})
+    assert scalar.shape == () and scalar == 5
+
+
+def test_large_tensor_round_trip(client: Client) -> None:
+    x = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)  # 4 MiB each way
+    (y,) = client.run("add_one", ["y"], {"x": x})
+    np.testing.assert_array_equal(y, x + 1)
+    (y,) = client.run("add_one", ["y"], {"x": x[:2]})  # shrinks the buffer again
+    np.testing.assert_array_equal(y, x[:2] + 1)
+
+
+def test_models_and_ping(client: Client) -> None:
+    (model,) = client.models()
+    assert isinstance(model, ModelInfo)
+    assert model.name == "add_one" and model.version == 7
+    assert [t.name for t in model.outputs] == ["y", "z"]
+    assert model.inputs[0].shape == ["N", None]
+    info = client.ping()
+    assert info["ready"] is True and isinstance(info["pid"], int)
+    assert client.request("ping")["ok"] is True
+
+
+@pytest.mark.parametrize("code", sorted(errors.ERROR_CLASSES))
+def test_every_error_code_raises_its_class(client: Client, code: str) -> None:
+    if code == "not_ready":
+        pytest.skip("not_ready is retried, tested below")
+    with pytest.raises(errors.ERROR_CLASSES[code]) as info:
+        client.run(f"error:{code}", None, {"x": np.zeros(1, np.float32)})
+    assert info.value.code == code
+
+
+def test_unknown_code_is_internal_and_connection_survives_errors(client: Client) -> None:
+    with pytest.raises(errors.Internal) as info:
+        client.run("error:weird", None, {"x": np.zeros(1, np.float32)})
+    assert info.value.message == "[weird] odd"
+    with pytest.raises(errors.UnknownModel):
+        client.run("nope", None, {"x": np.zeros(1, np.float32)})
+    with pytest.raises(errors.UnknownOutput):
+        client.run("add_one", ["w"], {"x": np.zeros(1, np.float32)})
+    with pytest.raises(errors.UnsupportedOp):
+        client.request("publish", model="m")
+    assert client.ping()["ready"] is True
+
+
+def test_timeout_raises_timeout_and_next_call_works(server: FakeServer) -> None:
+    with Client(server.path, timeout=0.2) as c:
+        with pytest.raises(errors.Timeout):
+            c.run("sleep", None, {"x": np.float64(5)})
+        assert c.ping()["ready"] is True
+
+
+def test_threads_share_one_client(client: Client) -> None:
+    failures: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(50):
+                x = np.full((3,), t * 1000 + i, np.float32)
+                (y,) = client.run("add_one", ["y"], {"x": x})
+                assert np.array_equal(y, x + 1), (t, i, y)
+                assert client.last_version == 7
+        except BaseException as exc:  # collected and re-raised in the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert failures == []
+
+
+def test_not_ready_is_retried_until_ready(sock_path: str) -> None:
+    srv = FakeServer(sock_path)
+    srv.start("--not-ready", "4")
+    try:
+        with Client(sock_path, timeout=10.0) as c:
+            assert c.ping()["ready"] is False
+            (y,) = c.run("add_one", ["y"], {"x": np.zeros(1, np.float32)})
+            assert y[0] == 1
+            info = c.ping()
+            assert info["ready"] is True and info["not_ready_sent"] == 4
+    finally:
+        srv.kill()
+
+
+def test_not_ready_until_timeout_raises_not_ready(sock_path: str) -> None:
+    srv = FakeServer(sock_path)
+    srv.start("--not-ready", "1000000")
+    try:
+        with Client(sock_path, timeout=0.3) as c, pytest.raises(errors.NotReady):
+            c.run("add_one", None, {"x": np.zeros(1, np.float32)})
+    finally:
+        srv.kill()
+
+
+def test_restarted_server_is_reached_by_retry(server: FakeServer, client: Client) -> None:
+    first_pid = client.ping()["pid"]
+    server.kill()
+    server.start()
+    info = client.ping()  # the cached connection is dead; the retry uses a fresh one
+    assert info["pid"] != first_pid
+    (y,) = client.run("add_one", ["y"], {"x": np.ones(2, np.float32)})
+    assert list(y) == [2, 2]
+
+
+def test_dead_server_raises_connection_failed(server: FakeServer, client: Client) -> None:
+    assert client.ping()["ready"]
+    server.kill()
+    with pytest.raises(errors.ConnectionFailed):
+        client.run("add_one", None, {"x": np.ones(2, np.float32)})
+
+
+def test_no_server_raises_connection_failed(sock_path: str) -> None:
+    with Client(sock_path, timeout=1.0) as c, pytest.raises(errors.ConnectionFailed):
+        c.ping()
+
+
+def test_default_socket_path_from_environment(monkeypatch: pytest.MonkeyPatch, server: FakeServer) -> None:
+    monkeypatch.setenv("SHMCACHE_SOCKET", server.path)
+    with Client() as c:
+        assert c.socket_path == server.path and c.ping()["ready"]
+
+
+def test_request_larger_than_max_frame_refused_locally(server: FakeServer) -> None:
+    with Client(server.path, max_frame=1024) as c, pytest.raises(errors.FrameTooLarge):
+        c.run("add_one", None, {"x": np.zeros(1024, np.float32)})
+
+
+def test_response_larger_than_max_frame(server: FakeServer) -> None:
+    with Client(server.path, max_frame=3000) as c:
+        with pytest.raises(errors.FrameTooLarge):
+            c.run("add_one", None, {"x": np.zeros(500, np.float32)})  # 2 KiB in, 4 KiB out
+        assert c.ping()["ready"]
+
+
+# --- asyncio client -------------------------------------------------------------------------
+
+
+def test_async_pipelined_out_of_order(server: FakeServer) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.path, timeout=10.0) as c:
+            await c.connect()
+            xs = [np.full((2,), i, np.int64) for i in range(100)]
+            results = await asyncio.gather(*(c.run_with_version("add_one", ["y"], {"x": x}) for x in xs))
+            for x, (outs, version) in zip(xs, results, strict=True):
+                np.testing.assert_array_equal(outs[0], x + 1)
+                assert version == 7
+            assert c._proto is not None and len(c._proto.pending) == 0
+            (m,) = await c.models()
+            assert m.name == "add_one"
+            assert (await c.ping())["ready"] is True
+
+    asyncio.run(main())
+
+
+def test_async_errors_timeout_and_late_answer_dropped(server: FakeServer) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.path, timeout=0.3) as c:
+            with pytest.raises(errors.BadShape):
+                await c.run("error:bad_shape", None, {"x": np.zeros(1, np.float32)})
+            with pytest.raises(errors.Timeout):
+                await c.run("sleep", None, {"x": np.float64(0.5)})
+            # The late answer to the sleep arrives on the same connection and is ignored.
+            outs = await c.run("add_one", ["y"], {"x": np.zeros(1, np.float32)})
+            assert outs[0][0] == 1
+            assert c.last_version == 7
+
+    asyncio.run(main())
+
+
+def test_async_restart_retries_and_dead_raises(server: FakeServer) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.path, timeout=5.0) as c:
+            pid = (await c.ping())["pid"]
+            server.kill()
+            server.start()
+            answers = await asyncio.gather(*(c.run("add_one", ["y"], {"x": [i]}) for i in range(20)))
+            assert [int(a[0][0]) for a in answers] == list(range(1, 21))
+            assert (await c.ping())["pid"] != pid
+            server.kill()
+            with pytest.raises(errors.ConnectionFailed):
+                await c.ping()
+
+    asyncio.run(main())
+
+
+def test_async_in_flight_requests_fail_over_when_server_dies(server: FakeServer) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.path, timeout=5.0) as c:
+            await c.connect()
+            pending = [asyncio.create_task(c.run("sleep", None, {"x": np.float64(2)})) for _ in range(5)]
+            await asyncio.sleep(0)  # let them send
+            wait_for_async = asyncio.get_running_loop().run_in_executor(None, server.kill)
+            await wait_for_async
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            assert all(isinstance(r, errors.ConnectionFailed) for r in results), results
+
+    asyncio.run(main())
+
+
+def test_async_not_ready_retried(sock_path: str) -> None:
+    srv = FakeServer(sock_path)
+    srv.start("--not-ready", "3")
+
+    async def main() -> None:
+        async with AsyncClient(sock_path, timeout=10.0) as c:
+            (y,) = await c.run("add_one", ["y"], {"x": np.zeros(1, np.float32)})
+            assert y[0] == 1
+            assert (await c.ping())["not_ready_sent"] == 3
+
+    try:
+        asyncio.run(main())
+    finally:
+        srv.kill()
