@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,19 +64,6 @@ def check_is_model(model: onnx.ModelProto, where: str) -> None:
         raise ModelError(f"{where!r} is not an ONNX model (its graph has no nodes or outputs)")
 
 
-def subgraphs(graph: GraphProto) -> Iterator[GraphProto]:
-    """Every graph nested in ``graph``'s nodes' attributes, depth first."""
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield attr.g
-                yield from subgraphs(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield g
-                    yield from subgraphs(g)
-
-
 def hoist_constants(model: onnx.ModelProto, graph: GraphProto) -> None:
     """Turn ``Constant`` nodes with a tensor ``value`` into initializers of the same graph.
 
@@ -87,19 +73,16 @@ def hoist_constants(model: onnx.ModelProto, graph: GraphProto) -> None:
     """
     if model.ir_version < 4:
         return
-    kept = []
-    for node in graph.node:
-        value = _constant_value(node)
+    # Delete in place, last first: rebuilding the node list would copy every node, detaching
+    # the subgraphs that later steps still have to rewrite.
+    for index in range(len(graph.node) - 1, -1, -1):
+        value = _constant_value(graph.node[index])
         if value is None:
-            kept.append(node)
             continue
-        tensor = TensorProto()
+        tensor = graph.initializer.add()
         tensor.CopyFrom(value)
-        tensor.name = node.output[0]
-        graph.initializer.append(tensor)
-    if len(kept) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(kept)
+        tensor.name = graph.node[index].output[0]
+        del graph.node[index]
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
@@ -113,12 +96,21 @@ def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
 
 def collect_weights(model: onnx.ModelProto) -> list[Weight]:
     """Hoist constants, then list every initializer of the model and of its subgraphs."""
-    graphs = [model.graph, *subgraphs(model.graph)]
-    weights = []
-    for graph in graphs:
-        hoist_constants(model, graph)
-        weights.extend(Weight(t, graph) for t in graph.initializer)
+    weights: list[Weight] = []
+    _collect(model, model.graph, weights)
     return weights
+
+
+def _collect(model: onnx.ModelProto, graph: GraphProto, into: list[Weight]) -> None:
+    hoist_constants(model, graph)  # first: it edits the node list the subgraphs hang from
+    into.extend(Weight(t, graph) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                _collect(model, attr.g, into)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _collect(model, sub, into)
 
 
 def take_source(weight: Weight) -> EntrySource:

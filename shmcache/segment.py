@@ -14,7 +14,7 @@ Layout (all integers little-endian; offsets are from the start of the segment)::
              |  12  flags            u32  bit 0: carries ORT pre-packed data|
              |  16  model name       64s  UTF-8, NUL padded                 |
              |  80  weight version   u64                                    |
-             |  88  digest           32s  SHA-256 of bytes [256, total)     |
+             |  88  digest           32s  SHA-256, see digest_of        |
              | 120  created          i64  time.time_ns() of the creator     |
              | 128  creator pid      u32                                    |
              | 132  entry count      u32                                    |
@@ -378,23 +378,39 @@ def _seal(
     key: bytes,
 ) -> None:
     total = plan.graph_offset() + len(graph)
-    digest = digest_of(mem, HEADER_SIZE, total)
     HEADER.pack_into(
-        mem, 0, MAGIC, LAYOUT_VERSION, STATE_BUILDING, flags, model, version, digest,
+        mem, 0, MAGIC, LAYOUT_VERSION, STATE_BUILDING, flags, model, version, b"",
         time.time_ns(), os.getpid(), len(plan.entries), total, HEADER_SIZE, plan.table_length,
         plan.graph_offset(), len(graph), plan.data_offset, plan.data_length, key[:32], b"",
     )
+    digest = digest_of(mem, HEADER_SIZE, total, identity(mem))
+    mem[DIGEST_OFFSET : DIGEST_OFFSET + 32] = digest
     # The seal is the last store: a reader that sees SEALED sees everything before it.
     struct.pack_into("<H", mem, STATE_OFFSET, STATE_SEALED)
+
+
+def identity(mem: mmap.mmap | bytes) -> bytes:
+    """The header as the digest covers it: every field but state, digest, creator and time.
+
+    Those four change legitimately (sealing, adoption by a restarted daemon); every other
+    field, the sizes and offsets included, is part of what the digest vouches for.
+    """
+    header = bytearray(mem[:HEADER_SIZE])
+    for start, end in ((STATE_OFFSET, STATE_OFFSET + 2), (DIGEST_OFFSET, 132)):
+        header[start:end] = bytes(end - start)
+    return bytes(header)
 
 
 DIGEST_CHUNK = 64 * 2**20
 
 
-def digest_of(buffer: mmap.mmap | memoryview | bytes, start: int, end: int) -> bytes:
+def digest_of(
+    buffer: mmap.mmap | memoryview | bytes, start: int, end: int, prefix: bytes = b""
+) -> bytes:
     """SHA-256 over ``buffer[start:end]`` in chunks, hashed on two threads.
 
-    The digest is SHA-256 over the concatenated SHA-256 of each 64 MiB chunk: a two-level hash
+    The digest is SHA-256 over ``prefix`` (the header, see ``identity``) and the
+    concatenated SHA-256 of each 64 MiB chunk of the body: a two-level hash
     lets both cores hash at once (hashlib releases the GIL), which halves the build-time cost on
     a 256 MiB model. It is still a collision-resistant digest of the exact bytes.
     """
@@ -407,7 +423,7 @@ def digest_of(buffer: mmap.mmap | memoryview | bytes, start: int, end: int) -> b
             chunk.release()
     finally:
         view.release()
-    outer = hashlib.sha256()
+    outer = hashlib.sha256(prefix)
     for part in parts:
         outer.update(part)
     return outer.digest()
@@ -496,7 +512,7 @@ class Segment:
 
     def verify(self) -> None:
         """Recompute the digest; raise ``SegmentCorrupt`` when the bytes changed."""
-        actual = digest_of(self._mem, HEADER_SIZE, self.header.total_size)
+        actual = digest_of(self._mem, HEADER_SIZE, self.header.total_size, identity(self._mem))
         if actual != self.header.digest:
             raise SegmentCorrupt(
                 f"{self.name!r}: digest mismatch (header {self.header.digest.hex()[:16]}…, "
