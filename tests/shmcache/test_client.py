@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shmcache import AsyncClient, Client, ModelInfo, errors
+from shmcache import AsyncClient, Client, ModelInfo, errors, protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKESERVER = ROOT / "tests" / "fakeserver.py"
@@ -171,6 +172,18 @@ def test_threads_share_one_client(client: Client) -> None:
     assert failures == []
 
 
+def test_connections_of_finished_threads_are_closed(client: Client) -> None:
+    threads = [threading.Thread(target=client.ping) for _ in range(5)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    gc.collect()
+    assert len(client._conns) == 0  # their threading.local died, the finalizer closed them
+    client.ping()
+    assert len(client._conns) == 1
+
+
 def test_not_ready_is_retried_until_ready(sock_path: str) -> None:
     srv = FakeServer(sock_path)
     srv.start("--not-ready", "4")
@@ -235,6 +248,46 @@ def test_response_larger_than_max_frame(server: FakeServer) -> None:
         assert c.ping()["ready"]
 
 
+def recv_frames_until_eof(sock: socket.socket) -> list[dict]:
+    decoder = protocol.FrameDecoder()
+    frames: list[dict] = []
+    sock.settimeout(10.0)
+    while chunk := sock.recv(65536):
+        frames += decoder.feed(chunk)
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (protocol.HEADER.pack(protocol.DEFAULT_MAX_FRAME + 1), "frame_too_large"),  # header only
+        (protocol.HEADER.pack(3) + b"\xc1\xc1\xc1", "malformed"),
+        (protocol.encode_frame({"v": 1, "op": "ping"}), "malformed"),  # no id
+    ],
+)
+def test_malformed_frame_gets_id_nil_error_then_close(server: FakeServer, raw: bytes, code: str) -> None:
+    """The server-side pattern the worker follows: decide on the header, answer, hang up."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(server.path)
+        s.sendall(raw)
+        (reply,) = recv_frames_until_eof(s)
+    assert reply["id"] is None and reply["ok"] is False and reply["error"]["code"] == code
+
+
+def test_bad_contents_keep_the_connection(server: FakeServer) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(server.path)
+        s.sendall(protocol.encode_frame({"v": 2, "id": 11, "op": "ping"}))
+        s.sendall(protocol.encode_frame(protocol.make_request(12, "ping")))
+        decoder = protocol.FrameDecoder()
+        replies: dict[int, dict] = {}
+        while len(replies) < 2:
+            for reply in decoder.feed(s.recv(65536)):
+                replies[reply["id"]] = reply
+    assert replies[11]["error"]["code"] == "malformed" and "version" in replies[11]["error"]["message"]
+    assert replies[12]["ok"] is True
+
+
 # --- asyncio client -------------------------------------------------------------------------
 
 
@@ -291,9 +344,9 @@ def test_async_in_flight_requests_fail_over_when_server_dies(server: FakeServer)
         async with AsyncClient(server.path, timeout=5.0) as c:
             await c.connect()
             pending = [asyncio.create_task(c.run("sleep", None, {"x": np.float64(2)})) for _ in range(5)]
-            await asyncio.sleep(0)  # let them send
-            wait_for_async = asyncio.get_running_loop().run_in_executor(None, server.kill)
-            await wait_for_async
+            while c._proto is None or len(c._proto.pending) < 5:  # all five sent
+                await asyncio.sleep(0.001)
+            await asyncio.get_running_loop().run_in_executor(None, server.kill)
             results = await asyncio.gather(*pending, return_exceptions=True)
             assert all(isinstance(r, errors.ConnectionFailed) for r in results), results
 
