@@ -365,7 +365,7 @@ class _ClientProtocol(asyncio.Protocol):
         try:
             replies = self.decoder.feed(data)
         except errors.RemoteError as exc:
-            self._fail_all(exc)
+            self.fail_all(exc)
             if self.transport is not None:
                 self.transport.close()
             return
@@ -380,13 +380,13 @@ class _ClientProtocol(asyncio.Protocol):
                 try:
                     protocol.check_reply(reply)
                 except errors.RemoteError as exc:
-                    self._fail_all(exc)
+                    self.fail_all(exc)
             # Otherwise: the answer to a request that already timed out; nobody waits for it.
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._writable.set()
-        self._fail_all(_ConnectionLost(str(exc or "connection closed by the daemon")))
+        self.fail_all(_ConnectionLost(str(exc or "connection closed by the daemon")))
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -397,7 +397,7 @@ class _ClientProtocol(asyncio.Protocol):
     async def drain(self) -> None:
         await self._writable.wait()
 
-    def _fail_all(self, exc: Exception) -> None:
+    def fail_all(self, exc: Exception) -> None:
         pending, self.pending = self.pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -482,10 +482,16 @@ class AsyncClient:
                 delay = min(delay * 2, _BACKOFF_MAX)
 
     async def close(self) -> None:
-        """Close the connection; requests still in flight fail with ConnectionFailed."""
+        """Close the connection; requests still in flight fail with ConnectionFailed.
+
+        They are failed here, not by ``connection_lost``, so that they are not resent: the
+        caller asked for the connection to go away.  A later call connects afresh.
+        """
         proto, self._proto = self._proto, None
-        if proto is not None and proto.transport is not None:
-            proto.transport.close()
+        if proto is not None:
+            proto.fail_all(errors.ConnectionFailed("client closed"))
+            if proto.transport is not None:
+                proto.transport.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -353,6 +353,21 @@ def test_async_in_flight_requests_fail_over_when_server_dies(server: FakeServer)
     asyncio.run(main())
 
 
+def test_async_close_fails_in_flight_without_resending(server: FakeServer) -> None:
+    async def main() -> None:
+        c = AsyncClient(server.path, timeout=5.0)
+        task = asyncio.create_task(c.run("sleep", None, {"x": np.float64(3)}))
+        while c._proto is None or not c._proto.pending:
+            await asyncio.sleep(0.001)
+        await c.close()
+        with pytest.raises(errors.ConnectionFailed, match="closed"):
+            await task
+        assert (await c.ping())["ready"] is True  # usable again: connects afresh
+        await c.close()
+
+    asyncio.run(main())
+
+
 def test_async_not_ready_retried(sock_path: str) -> None:
     srv = FakeServer(sock_path)
     srv.start("--not-ready", "3")
