@@ -84,3 +84,83 @@ def with_constant_and_subgraph(seed: int = 1) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
     return _model(graph)
+
+
+def convnet(seed: int = 2) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv -> GlobalAveragePool -> Flatten -> Gemm, NCHW float32."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "k1"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "kb1"),
+        numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "k2"),
+        numpy_helper.from_array(rng.standard_normal((16, 10)).astype(np.float32), "fc"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fcb"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["img", "k1", "kb1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "k2"], ["c2"], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "convnet",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], inits)
+    return _model(graph)
+
+
+def multi_io(seed: int = 3) -> onnx.ModelProto:
+    """Two inputs with dynamic dims, three outputs of different dtypes (float, int64, float16)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["a", "w"], ["proj"]),
+        helper.make_node("Add", ["proj", "b"], ["sum"]),
+        helper.make_node("ArgMax", ["sum"], ["best"], axis=-1, keepdims=0),
+        helper.make_node("Cast", ["sum"], ["half"], to=TensorProto.FLOAT16),
+    ]
+    graph = helper.make_graph(
+        nodes, "multi_io",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq", 6]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", "seq", 4]),
+         helper.make_tensor_value_info("best", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("half", TensorProto.FLOAT16, ["batch", "seq", 4])],
+        [numpy_helper.from_array(w, "w")])
+    return _model(graph)
+
+
+def int_and_half(seed: int = 4) -> onnx.ModelProto:
+    """Integer arithmetic on int32 with an int32 weight, and a float16 MatMul path."""
+    rng = np.random.default_rng(seed)
+    iw = rng.integers(-50, 50, (5,), dtype=np.int32)
+    hw = rng.standard_normal((5, 3)).astype(np.float16)
+    nodes = [
+        helper.make_node("Mul", ["ints", "iw"], ["scaled"]),
+        helper.make_node("MatMul", ["halves", "hw"], ["hout"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "int_and_half",
+        [helper.make_tensor_value_info("ints", TensorProto.INT32, ["n", 5]),
+         helper.make_tensor_value_info("halves", TensorProto.FLOAT16, ["n", 5])],
+        [helper.make_tensor_value_info("scaled", TensorProto.INT32, ["n", 5]),
+         helper.make_tensor_value_info("hout", TensorProto.FLOAT16, ["n", 3])],
+        [numpy_helper.from_array(iw, "iw"), numpy_helper.from_array(hw, "hw")])
+    return _model(graph)
+
+
+def echo(dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """Identity on a 1-D input of any length: for big round trips (no weights)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "echo",
+        [helper.make_tensor_value_info("x", dtype, ["n"])],
+        [helper.make_tensor_value_info("y", dtype, ["n"])],
+        [numpy_helper.from_array(np.zeros(1, np.float32), "unused")])
+    return _model(graph)
+
+
+def slow(size: int = 768, layers: int = 6, seed: int = 5) -> onnx.ModelProto:
+    """A chain of square MatMuls: a few ms per batch-64 call, to keep a worker busy."""
+    return mlp(tuple([size] * (layers + 1)), seed=seed)

@@ -1,0 +1,310 @@
+"""A real worker process on real segments and a real Unix socket: fidelity, errors, load, fuzz."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shmcache
+from shmcache import errors, protocol
+from tests import models
+from tests.worker.harness import WorkerProcess, running_worker
+from worker.runtime import SessionSettings
+
+RNG = np.random.default_rng(11)
+
+
+def reference(path: Path) -> ort.InferenceSession:
+    """An in-process session with exactly the worker's session options."""
+    return ort.InferenceSession(str(path), SessionSettings(intra_op_threads=1).options(),
+                                providers=["CPUExecutionProvider"])
+
+
+FIDELITY_CASES = {
+    "mlp_matmul": (models.mlp((32, 64, 16), seed=21),
+                   lambda: {"x": RNG.standard_normal((7, 32)).astype(np.float32)}),
+    "mlp_gemm": (models.mlp((32, 48, 8), seed=22, gemm=True),
+                 lambda: {"x": RNG.standard_normal((3, 32)).astype(np.float32)}),
+    "convnet": (models.convnet(),
+                lambda: {"img": RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)}),
+    "multi_io": (models.multi_io(),
+                 lambda: {"a": RNG.standard_normal((2, 5, 6)).astype(np.float32),
+                          "b": RNG.standard_normal((2, 5, 4)).astype(np.float32)}),
+    "int_and_half": (models.int_and_half(),
+                     lambda: {"ints": RNG.integers(-100, 100, (4, 5), dtype=np.int32),
+                              "halves": RNG.standard_normal((4, 5)).astype(np.float16)}),
+}
+
+
+@pytest.fixture(scope="module")
+def fidelity_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkerProcess, dict[str, Path]]]:
+    tmp = tmp_path_factory.mktemp("fidelity")
+    paths = {name: models.save(model, tmp / f"{name}.onnx")
+             for name, (model, _) in FIDELITY_CASES.items()}
+    with running_worker(tmp, paths) as worker:
+        yield worker, paths
+
+
+@pytest.mark.parametrize("case", sorted(FIDELITY_CASES))
+def test_outputs_bit_identical_to_in_process(
+    fidelity_worker: tuple[WorkerProcess, dict[str, Path]], case: str
+) -> None:
+    worker, paths = fidelity_worker
+    feed = FIDELITY_CASES[case][1]()
+    expected = reference(paths[case]).run(None, feed)
+    with shmcache.Client(str(worker.socket_path)) as client:
+        got, version = client.run_with_version(case, None, feed)
+    assert version == 1
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        assert g.tobytes() == e.tobytes()
+
+
+def test_output_subset_in_asked_order(fidelity_worker: tuple[WorkerProcess, dict[str, Path]]) -> None:
+    worker, paths = fidelity_worker
+    feed = FIDELITY_CASES["multi_io"][1]()
+    expected = reference(paths["multi_io"]).run(["half", "best"], feed)
+    with shmcache.Client(str(worker.socket_path)) as client:
+        got = client.run("multi_io", ["half", "best"], feed)
+    assert [g.tobytes() for g in got] == [e.tobytes() for e in expected]
+
+
+def test_models_lists_signatures(fidelity_worker: tuple[WorkerProcess, dict[str, Path]]) -> None:
+    worker, _ = fidelity_worker
+    with shmcache.Client(str(worker.socket_path)) as client:
+        listed = {m.name: m for m in client.models()}
+    assert set(listed) == set(FIDELITY_CASES)
+    multi = listed["multi_io"]
+    assert multi.version == 1
+    assert [(t.name, t.dtype, list(t.shape)) for t in multi.inputs] == [
+        ("a", "float32", ["batch", "seq", 6]), ("b", "float32", ["batch", "seq", 4])]
+    assert [t.dtype for t in multi.outputs] == ["float32", "int64", "float16"]
+
+
+ERROR_CASES = [
+    (errors.UnknownModel, dict(model="nope", inputs={"x": np.zeros((1, 32), np.float32)})),
+    (errors.UnknownInput, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 32), np.float32),
+                                                           "extra": np.zeros(1, np.float32)})),
+    (errors.MissingInput, dict(model="multi_io", inputs={"a": np.zeros((1, 1, 6), np.float32)})),
+    (errors.BadDtype, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 32), np.float64)})),
+    (errors.BadShape, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 31), np.float32)})),
+    (errors.BadShape, dict(model="mlp_matmul", inputs={"x": np.zeros((32,), np.float32)})),
+    (errors.BadShape, dict(model="multi_io", inputs={"a": np.zeros((1, 2, 6), np.float32),
+                                                     "b": np.zeros((1, 3, 4), np.float32)})),
+    (errors.UnknownOutput, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 32), np.float32)},
+                                outputs=["nope"])),
+    (errors.NotFound, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 32), np.float32)},
+                           version=99)),
+]
+
+
+@pytest.mark.parametrize("exc, fields", ERROR_CASES, ids=[c[0].code for c in ERROR_CASES])
+def test_bad_requests_get_typed_errors_and_worker_keeps_serving(
+    fidelity_worker: tuple[WorkerProcess, dict[str, Path]], exc: type[Exception], fields: dict
+) -> None:
+    worker, _ = fidelity_worker
+    with shmcache.Client(str(worker.socket_path)) as client:
+        with pytest.raises(exc):
+            client.request("infer", **fields)
+        assert client.ping()["ready"] is True
+    assert worker.proc.poll() is None
+
+
+def raw_connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    return sock
+
+
+def read_reply(sock: socket.socket) -> dict | None:
+    decoder = protocol.FrameDecoder()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        msgs = decoder.feed(data)
+        if msgs:
+            return msgs[0]
+
+
+def test_unsupported_op_keeps_connection(fidelity_worker: tuple[WorkerProcess, dict[str, Path]]) -> None:
+    worker, _ = fidelity_worker
+    with raw_connect(worker.socket_path) as sock:
+        sock.sendall(protocol.encode_frame(protocol.make_request(5, "explode")))
+        reply = read_reply(sock)
+        assert reply is not None and reply["id"] == 5 and reply["error"]["code"] == "unsupported_op"
+        sock.sendall(protocol.encode_frame(protocol.make_request(6, "ping")))
+        reply = read_reply(sock)
+        assert reply is not None and reply["ok"] and reply["id"] == 6
+
+
+@pytest.mark.parametrize("frame, code", [
+    (struct.pack(">I", protocol.DEFAULT_MAX_FRAME + 1), "frame_too_large"),
+    (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "malformed"),  # 0xc1 is never valid msgpack
+    (struct.pack(">I", 2) + msgpack.packb([1]), "malformed"),  # not a map
+])
+def test_malformed_frames_close_only_that_connection(
+    fidelity_worker: tuple[WorkerProcess, dict[str, Path]], frame: bytes, code: str
+) -> None:
+    worker, _ = fidelity_worker
+    with raw_connect(worker.socket_path) as bystander, raw_connect(worker.socket_path) as sock:
+        sock.sendall(frame)
+        reply = read_reply(sock)
+        assert reply is not None and reply["error"]["code"] == code
+        assert sock.recv(1) == b""  # closed by the worker
+        bystander.sendall(protocol.encode_frame(protocol.make_request(1, "ping")))
+        assert (read_reply(bystander) or {}).get("ok") is True
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.one_of(
+    st.binary(min_size=1, max_size=300),
+    st.builds(lambda n, tail: struct.pack(">I", n) + tail,
+              st.integers(0, 2**32 - 1), st.binary(max_size=64)),
+    st.builds(lambda obj: protocol.encode_frame(obj) if isinstance(obj, dict) else
+              struct.pack(">I", len(msgpack.packb(obj))) + msgpack.packb(obj),
+              st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) |
+                           st.text(max_size=8) | st.binary(max_size=16),
+                           lambda inner: st.lists(inner, max_size=4) |
+                           st.dictionaries(st.sampled_from(["v", "id", "op", "model", "inputs",
+                                                            "outputs", "version", "dtype",
+                                                            "shape", "data", "x"]), inner,
+                                           max_size=6), max_leaves=20)),
+))
+def test_fuzzed_frames_never_hurt_the_worker(
+    fidelity_worker: tuple[WorkerProcess, dict[str, Path]], junk: bytes
+) -> None:
+    worker, _ = fidelity_worker
+    with raw_connect(worker.socket_path) as sock:
+        sock.settimeout(0.2)
+        sock.sendall(junk)
+        try:
+            while sock.recv(65536):
+                pass
+        except (TimeoutError, ConnectionResetError):
+            pass
+    with raw_connect(worker.socket_path) as check:
+        check.sendall(protocol.encode_frame(protocol.make_request(9, "ping")))
+        assert (read_reply(check) or {}).get("ok") is True
+    assert worker.proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def busy_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkerProcess, Path]]:
+    tmp = tmp_path_factory.mktemp("busy")
+    paths = {"slow": models.save(models.slow(), tmp / "slow.onnx"),
+             "echo": models.save(models.echo(), tmp / "echo.onnx")}
+    with running_worker(tmp, paths, max_inflight=4) as worker:
+        yield worker, paths["slow"]
+
+
+def slow_feed(batch: int = 64) -> dict[str, np.ndarray]:
+    return {"x": RNG.standard_normal((batch, 768)).astype(np.float32)}
+
+
+def test_pipelined_requests_on_one_connection(busy_worker: tuple[WorkerProcess, Path]) -> None:
+    worker, path = busy_worker
+    ref = reference(path)
+
+    async def main() -> None:
+        async with shmcache.AsyncClient(str(worker.socket_path)) as client:
+            feeds = [slow_feed(2) for _ in range(4)]
+            results = await asyncio.gather(*(client.run("slow", None, f) for f in feeds))
+            for feed, got in zip(feeds, results):
+                assert got[0].tobytes() == ref.run(None, feed)[0].tobytes()
+
+    asyncio.run(main())
+
+
+def test_overload_is_refused_at_once_not_queued(busy_worker: tuple[WorkerProcess, Path]) -> None:
+    worker, _ = busy_worker
+
+    async def main() -> list[object]:
+        async with shmcache.AsyncClient(str(worker.socket_path), timeout=60) as client:
+            calls = [client.run("slow", None, slow_feed()) for _ in range(12)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, errors.Overloaded)]
+    served = [r for r in results if isinstance(r, list)]
+    assert len(refused) >= 1 and len(served) >= 4
+    assert len(refused) + len(served) == 12
+
+
+def test_ping_answers_while_a_model_computes(busy_worker: tuple[WorkerProcess, Path]) -> None:
+    worker, _ = busy_worker
+    done = threading.Event()
+
+    def keep_busy() -> None:
+        with shmcache.Client(str(worker.socket_path), timeout=60) as busy:
+            while not done.is_set():
+                busy.run("slow", None, slow_feed(256))
+
+    thread = threading.Thread(target=keep_busy)
+    thread.start()
+    try:
+        with shmcache.Client(str(worker.socket_path)) as pinger:
+            pinger.ping()
+            single = time.perf_counter()
+            with shmcache.Client(str(worker.socket_path)) as timing:
+                timing.run("slow", None, slow_feed(256))
+            one_inference = time.perf_counter() - single
+            worst = 0.0
+            for _ in range(20):
+                start = time.perf_counter()
+                assert pinger.ping()["ready"] is True
+                worst = max(worst, time.perf_counter() - start)
+        # A ping never waits for an inference to finish (it is not queued behind one).
+        assert worst < one_inference, (worst, one_inference)
+    finally:
+        done.set()
+        thread.join(timeout=60)
+
+
+def test_many_connections_from_threads(
+    fidelity_worker: tuple[WorkerProcess, dict[str, Path]]
+) -> None:
+    worker, paths = fidelity_worker
+    ref = reference(paths["mlp_matmul"])
+    client = shmcache.Client(str(worker.socket_path), timeout=60)
+    failures: list[BaseException] = []
+
+    def one_thread(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(20):
+                feed = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
+                got = client.run("mlp_matmul", None, feed)[0]
+                assert got.tobytes() == ref.run(None, feed)[0].tobytes()
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one_thread, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    client.close()
+    assert failures == []
+
+
+def test_64_mib_input_round_trip(busy_worker: tuple[WorkerProcess, Path]) -> None:
+    worker, _ = busy_worker
+    x = RNG.standard_normal(16 * 2**20).astype(np.float32)  # 64 MiB
+    with shmcache.Client(str(worker.socket_path), timeout=120) as client:
+        (y,) = client.run("echo", None, {"x": x})
+    assert y.nbytes == 64 * 2**20 and np.array_equal(x, y)

@@ -1,0 +1,222 @@
+"""One model version inside a worker: the segment it maps and the ONNX Runtime session over it.
+
+The session is created in the worker, after fork (ORT issue 9800; destroying an inherited session
+can crash in pthread_join, ORT PR 31961), from the graph stored in the segment. That graph names
+the segment file itself as its external-data location, so ONNX Runtime memory-maps the weights
+straight out of /dev/shm (RESEARCH.md: on CPU, external data is mmap'ed): no private copy.
+
+Two ways to run a segment:
+
+* ``prepacked`` — the segment also carries ORT's pre-packed weights (``FLAG_PREPACKED``); ORT maps
+  them too and skips pre-packing: shared pages *and* full speed.
+* ``mapped`` — a plain segment; pre-packing is turned off (``session.disable_prepacking``), since
+  it would copy MatMul/Gemm/Conv weights into private buffers in every worker. Shared, but MatMul
+  runs 1.6-2x slower (RESEARCH.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from shmcache import errors
+from shmcache.segment import SHM_DIR, Segment
+
+# ORT's type strings for the element types the wire protocol carries.
+ORT_TYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output as clients see it."""
+
+    name: str
+    dtype: str  # numpy name, or ORT's type string when the wire cannot carry it
+    shape: tuple[Dim, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Session options that must be identical wherever outputs are compared."""
+
+    intra_op_threads: int = 1
+    optimization: str = "all"  # basic | extended | all
+    disable_prepacking: bool = True
+
+    def options(self, prepacked: bool = False) -> ort.SessionOptions:
+        """Options for a session; ``prepacked`` segments keep pre-packing on to load the blobs."""
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = OPT_LEVELS[self.optimization]
+        # Spinning threads burn the cores that the other workers need (RESEARCH.md: 2 workers on
+        # 2 cores, intra=2 with spinning 31 inf/s, without 42).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.disable_prepacking and not prepacked:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        return so
+
+
+OPT_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def default_threads(workers: int) -> int:
+    """max(1, cores // workers): N workers must not fight over the same cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+@dataclass
+class ModelRuntime:
+    """A session over one sealed segment; holds the mapping alive as long as the session."""
+
+    model: str
+    version: int
+    segment: Segment
+    session: ort.InferenceSession
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    served: int = 0
+    _input_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
+    _output_names: set[str] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        self._input_index = {spec.name: spec for spec in self.inputs}
+        self._output_names = {spec.name for spec in self.outputs}
+
+    @classmethod
+    def open(cls, segment_name: str, settings: SessionSettings) -> ModelRuntime:
+        """Attach the segment read-only and create a session whose weights are its pages."""
+        segment = Segment.attach(segment_name)
+        try:
+            session = create_session(segment, settings)
+        except BaseException:
+            segment.close()
+            raise
+        h = segment.header
+        return cls(h.model, h.version, segment, session,
+                   [spec_of(a) for a in session.get_inputs()],
+                   [spec_of(a) for a in session.get_outputs()])
+
+    def signature(self) -> dict[str, Any]:
+        return {
+            "name": self.model,
+            "version": self.version,
+            "inputs": [s.to_wire() for s in self.inputs],
+            "outputs": [s.to_wire() for s in self.outputs],
+        }
+
+    def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None:
+        """Validate a request against the signature: the one place that does (principle 8)."""
+        symbols: dict[str, tuple[int, str]] = {}
+        for name, array in inputs.items():
+            spec = self._input_index.get(name)
+            if spec is None:
+                raise errors.UnknownInput(
+                    f"model {self.model!r} has no input {name!r}; inputs: "
+                    f"{', '.join(self._input_index)}")
+            check_tensor(spec, array)
+            check_symbols(spec, array, symbols)
+        missing = [name for name in self._input_index if name not in inputs]
+        if missing:
+            raise errors.MissingInput(f"model {self.model!r} needs input(s) {', '.join(missing)}")
+        for name in outputs or ():
+            if name not in self._output_names:
+                raise errors.UnknownOutput(
+                    f"model {self.model!r} has no output {name!r}; outputs: "
+                    f"{', '.join(s.name for s in self.outputs)}")
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> list[tuple[str, np.ndarray]]:
+        """Run the session (called off the event loop); returns (name, array) pairs in order."""
+        names = outputs or [spec.name for spec in self.outputs]
+        try:
+            results = self.session.run(names, inputs)
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+            # ORT's own input checks, beyond what the signature says.
+            raise errors.BadShape(f"model {self.model!r} rejected the inputs: {exc}") from exc
+        self.served += 1
+        return list(zip(names, results))
+
+    def warm_up(self) -> None:
+        """One inference on inputs synthesised from the signature (dynamic dims set to 1)."""
+        self.session.run(None, synthesize_inputs(self.inputs))
+
+    def close(self) -> None:
+        del self.session
+        self.segment.close()
+
+
+def create_session(segment: Segment, settings: SessionSettings) -> ort.InferenceSession:
+    # A pre-packed segment carries the blobs: loading them is what keeps the pages shared.
+    so = settings.options(prepacked=segment.header.prepacked)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", SHM_DIR)
+    return ort.InferenceSession(segment.graph_bytes(), so, providers=["CPUExecutionProvider"])
+
+
+def spec_of(arg: Any) -> TensorSpec:
+    dims = tuple(d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None)
+                 for d in arg.shape)
+    return TensorSpec(arg.name, ORT_TYPES.get(arg.type, arg.type), dims)
+
+
+def check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
+    if array.dtype.name != spec.dtype:
+        raise errors.BadDtype(
+            f"input {spec.name!r} must be {spec.dtype}, got {array.dtype.name}")
+    if len(array.shape) != len(spec.shape):
+        raise errors.BadShape(
+            f"input {spec.name!r} must have {len(spec.shape)} dimensions {list(spec.shape)}, "
+            f"got shape {list(array.shape)}")
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
+        if isinstance(want, int) and want != got:
+            raise errors.BadShape(
+                f"input {spec.name!r} dimension {axis} must be {want}, got {got} "
+                f"(shape {list(array.shape)}, expected {list(spec.shape)})")
+
+
+def check_symbols(spec: TensorSpec, array: np.ndarray, seen: dict[str, tuple[int, str]]) -> None:
+    """A named dynamic dimension ("batch", "seq") must have one size across all inputs."""
+    for want, got in zip(spec.shape, array.shape):
+        if not isinstance(want, str):
+            continue
+        size, first = seen.setdefault(want, (got, spec.name))
+        if size != got:
+            raise errors.BadShape(
+                f"dimension {want!r} is {size} in input {first!r} but {got} in {spec.name!r}")
+
+
+def synthesize_inputs(specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    feed = {}
+    for spec in specs:
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        dtype = np.dtype(spec.dtype) if spec.dtype in ORT_TYPES.values() else np.float32
+        feed[spec.name] = np.zeros(shape, dtype=dtype)
+    return feed

@@ -1,0 +1,336 @@
+"""The worker process: answer clients on the shared socket, report to the supervisor.
+
+A worker is forked by the supervisor with two inherited sockets: the client-facing listening
+socket (shared by every worker; the kernel hands each new connection to one of them) and its own
+end of a control socketpair. It maps the models' segments, creates one ONNX Runtime session per
+model after fork, warms each up, tells the supervisor it is ready, and only then accepts.
+
+Control channel (same framing as the client protocol, ``shmcache.protocol``)::
+
+    worker -> supervisor   {"op": "ready", "pid", "models": {name: version}}
+                           {"op": "boot_failed", "reason"}        then exit WORKER_BOOT_ERROR
+                           {"op": "beat", "served", "inflight"}   every HEARTBEAT seconds
+                           {"op": "reply", "id", "ok", ...}       answer to a request below
+    supervisor -> worker   {"op": "stats", "id"}
+
+Shutdown (SIGTERM): stop accepting; stop reading from each connection; answer every request
+already read; close each connection once it has nothing in flight; exit when all are closed or
+the deadline passes. SIGQUIT exits at once. SIGINT is ignored: a terminal's Ctrl-C reaches the
+whole process group, and stopping is the supervisor's decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmcache import errors, protocol
+from worker.runtime import ModelRuntime, SessionSettings
+
+log = logging.getLogger("shmcache.worker")
+
+WORKER_OK = 0
+WORKER_BOOT_ERROR = 3
+WORKER_LOST_SUPERVISOR = 4
+HEARTBEAT = 1.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs, built once by the supervisor and inherited through fork."""
+
+    models: dict[str, str]  # model name -> segment name
+    settings: SessionSettings = field(default_factory=SessionSettings)
+    max_inflight: int = 64
+    concurrency: int = 1  # sessions run at once; each already uses intra_op_threads
+    max_frame: int = protocol.DEFAULT_MAX_FRAME
+    graceful_timeout: float = 30.0
+    warmup_parallel: int = 2
+    supervisor_pid: int = 0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies, even by SIGKILL (prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(WORKER_LOST_SUPERVISOR)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, listener: socket.socket, control: socket.socket) -> None:
+        self.config = config
+        self.listener = listener
+        self.control_sock = control
+        self.runtimes: dict[str, ModelRuntime] = {}
+        self.inflight = 0
+        self.served = 0
+        self.started = time.monotonic()
+        self.connections: set[ClientConnection] = set()
+        self.pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="infer")
+        self.stopping = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+        self.control: ControlConnection | None = None
+
+    # --- boot ---------------------------------------------------------------------------
+
+    async def boot(self) -> None:
+        """Open every model's runtime and warm it up, a bounded number at once."""
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Semaphore(self.config.warmup_parallel)
+
+        async def open_one(model: str, segment: str) -> None:
+            async with gate:
+                runtime = await loop.run_in_executor(None, self._open_and_warm, segment)
+            self.runtimes[model] = runtime
+
+        await asyncio.gather(*(open_one(m, s) for m, s in self.config.models.items()))
+
+    def _open_and_warm(self, segment: str) -> ModelRuntime:
+        runtime = ModelRuntime.open(segment, self.config.settings)
+        try:
+            runtime.warm_up()
+        except Exception as exc:  # a model may need real data; it still serves
+            log.warning("warm-up of %s failed on synthesized inputs: %s", runtime.model, exc)
+        return runtime
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        transport, self.control = await loop.connect_accepted_socket(
+            lambda: ControlConnection(self), sock=self.control_sock)
+        try:
+            await self.boot()
+        except Exception as exc:
+            self.control.send({"op": "boot_failed", "reason": f"{type(exc).__name__}: {exc}"})
+            await asyncio.sleep(0)  # let the transport flush
+            log.error("worker %d failed to boot: %s", os.getpid(), exc)
+            return WORKER_BOOT_ERROR
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGQUIT, os._exit, WORKER_OK)
+        self.server = await loop.create_unix_server(
+            lambda: ClientConnection(self), sock=self.listener, start_serving=True)
+        self.control.send({"op": "ready", "pid": os.getpid(),
+                           "models": {m: r.version for m, r in self.runtimes.items()}})
+        beat = asyncio.ensure_future(self._heartbeat())
+        await self.stopping.wait()
+        beat.cancel()
+        await self.drain()
+        return WORKER_OK
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if self.control is not None:
+                self.control.send({"op": "beat", "served": self.served, "inflight": self.inflight})
+
+    async def drain(self) -> None:
+        """Graceful stop: no new connections or requests; answer what was read; then close."""
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.finish()
+        deadline = time.monotonic() + self.config.graceful_timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.abort()
+
+    # --- requests -----------------------------------------------------------------------
+
+    def handle(self, conn: ClientConnection, msg: dict[str, Any]) -> None:
+        try:
+            request = protocol.parse_request(msg)
+        except errors.RemoteError as exc:
+            if exc.request_id is None:
+                raise
+            conn.send(protocol.error_reply(exc.request_id, exc))
+            return
+        try:
+            if request.op == "ping":
+                conn.send(protocol.ok_ping(request.id, True, pid=os.getpid(), **self.versions()))
+            elif request.op == "models":
+                conn.send(protocol.ok_models(request.id, [r.signature() for r in self.runtimes.values()]))
+            else:
+                self.start_infer(conn, request)
+        except errors.RemoteError as exc:
+            conn.send(protocol.error_reply(request.id, exc))
+        except Exception as exc:  # a bug must cost one request, never the worker
+            log.exception("request %d failed", request.id)
+            conn.send(protocol.error_reply(request.id, exc))
+
+    def versions(self) -> dict[str, Any]:
+        return {"versions": {m: r.version for m, r in self.runtimes.items()}}
+
+    def runtime_for(self, request: protocol.Request) -> ModelRuntime:
+        runtime = self.runtimes.get(request.model or "")
+        if runtime is None:
+            raise errors.UnknownModel(
+                f"no model {request.model!r}; serving: {', '.join(sorted(self.runtimes))}")
+        if request.version is not None and request.version != runtime.version:
+            raise errors.NotFound(
+                f"model {runtime.model!r} version {request.version} is not available "
+                f"(serving version {runtime.version})")
+        return runtime
+
+    def start_infer(self, conn: ClientConnection, request: protocol.Request) -> None:
+        runtime = self.runtime_for(request)
+        runtime.check(request.inputs, request.outputs)
+        if self.inflight >= self.config.max_inflight:
+            raise errors.Overloaded(
+                f"worker {os.getpid()} has {self.inflight} requests in flight "
+                f"(limit {self.config.max_inflight}); retry later")
+        self.inflight += 1
+        conn.inflight += 1
+        future = asyncio.get_running_loop().run_in_executor(
+            self.pool, runtime.run, request.inputs, request.outputs)
+        future.add_done_callback(lambda f: self.finish_infer(conn, request, runtime, f))
+
+    def finish_infer(self, conn: ClientConnection, request: protocol.Request,
+                     runtime: ModelRuntime, future: asyncio.Future[Any]) -> None:
+        self.inflight -= 1
+        conn.inflight -= 1
+        self.served += 1
+        exc = future.exception()
+        if exc is None:
+            reply = protocol.ok_infer(request.id, runtime.version, future.result())
+        else:
+            if not isinstance(exc, errors.RemoteError):
+                log.error("inference on %s failed: %s", runtime.model, exc)
+            reply = protocol.error_reply(request.id, exc)
+        conn.send(reply)
+        conn.maybe_close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime": time.monotonic() - self.started,
+            "served": self.served,
+            "inflight": self.inflight,
+            "connections": len(self.connections),
+            "models": {m: {"version": r.version, "served": r.served, "segment": r.segment.name}
+                       for m, r in self.runtimes.items()},
+        }
+
+
+class FramedConnection(asyncio.Protocol):
+    """Frames in, frames out; a frame-level error closes the connection (msgpack Unpacker rule)."""
+
+    def __init__(self, max_frame: int) -> None:
+        self.decoder = protocol.FrameDecoder(max_frame)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+            for msg in messages:
+                self.on_message(msg)
+        except errors.RemoteError as exc:  # FrameTooLarge / Malformed: stream is untrustworthy
+            self.send(protocol.error_reply(None, exc))
+            self.close_now()
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(protocol.encode_frame_parts(msg))
+
+    def close_now(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ClientConnection(FramedConnection):
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker.config.max_frame)
+        self.worker = worker
+        self.inflight = 0
+        self.finishing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.worker.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.connections.discard(self)
+        self.transport = None
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        if not self.finishing:
+            self.worker.handle(self, msg)
+
+    # Back-pressure: a client that does not read its answers stops being read from.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.finishing:
+            self.transport.resume_reading()
+
+    def finish(self) -> None:
+        """Read nothing more; close once every request already read has been answered."""
+        self.finishing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self.maybe_close()
+
+    def maybe_close(self) -> None:
+        if self.finishing and self.inflight == 0:
+            self.close_now()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class ControlConnection(FramedConnection):
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(protocol.DEFAULT_MAX_FRAME)
+        self.worker = worker
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        op, rid = msg.get("op"), msg.get("id")
+        if op == "stats":
+            self.send({"op": "reply", "id": rid, "ok": True, **self.worker.stats()})
+        else:
+            self.send({"op": "reply", "id": rid, "ok": False,
+                       "error": {"code": "unsupported_op", "message": f"unknown op {op!r}"}})
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The supervisor is gone (or closed our channel): nobody coordinates us any more.
+        log.warning("worker %d lost its supervisor; exiting", os.getpid())
+        os._exit(WORKER_LOST_SUPERVISOR)
+
+
+def run_worker(config: WorkerConfig, listener: socket.socket, control: socket.socket) -> int:
+    """Entry point in the forked child. Creates the event loop and sessions here, after fork."""
+    import uvloop
+
+    if config.supervisor_pid:
+        die_with_parent(config.supervisor_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                signal.SIGCHLD, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(config, listener, control)
+    try:
+        return loop.run_until_complete(worker.serve())
+    finally:
+        worker.pool.shutdown(wait=False, cancel_futures=True)
