@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
+
+from shmcache.client import Client
+from shmcache.paths import SOCKET_ENV, control_socket_path, default_socket_path
 
 from shmcache.dtypes import type_name
 from shmcache.errors import ShmcacheError
@@ -89,6 +94,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def setup_logging(level: str = "info") -> None:
+    """One line per event on stderr with a level; journald adds time and pid of its own."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="%(levelname)s %(name)s[%(process)d]: %(message)s")
+
+
+def add_socket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", type=Path, default=None,
+                   help=f"daemon socket (default ${SOCKET_ENV} or {default_socket_path()})")
+
+
+def socket_of(args: argparse.Namespace) -> Path:
+    return args.socket if args.socket is not None else default_socket_path()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from supervisor.arbiter import serve
+    from supervisor.config import ModelSpec, ServeConfig
+
+    config = ServeConfig(
+        models=[ModelSpec.parse(m) for m in args.model] or [ModelSpec("embedded", embedded_model_path())],
+        workers=args.workers, socket=socket_of(args), threads=args.threads,
+        max_inflight=args.max_inflight, graceful_timeout=args.graceful_timeout,
+        log_level=args.log_level)
+    setup_logging(config.log_level)
+    return serve(config)
+
+
+def control_client(args: argparse.Namespace, timeout: float = 10.0) -> Client:
+    return Client(control_socket_path(socket_of(args)), timeout=timeout, connect_timeout=2.0)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with control_client(args) as client:
+        status = client.request("status")
+    status = {k: v for k, v in status.items() if k not in ("v", "id", "ok")}
+    if args.json:
+        print(json_dump(status))
+        return EXIT_OK
+    print(format_status(status))
+    return EXIT_OK
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    head = (f"shmcache pid {status['pid']}  {status['phase']}"
+            f"{'  ready' if status['ready'] else '  not ready'}  socket {status['socket']}  "
+            f"up {status['uptime']:.0f}s  workers {len(status['workers'])}/{status['target_workers']}"
+            f"  restarts {status['restarts']}")
+    workers = format_table(
+        [(w["pid"], w["state"], f"{w['uptime']:.0f}s", w["served"],
+          " ".join(f"{k}=v{v}" for k, v in sorted(w["versions"].items())),
+          mib(w["shared"]), mib(w["uss"]), mib(w["pss"])) for w in status["workers"]],
+        ["pid", "state", "uptime", "served", "versions", "shared MiB", "private (USS) MiB",
+         "PSS MiB"])
+    models = format_table(
+        [(m["name"], m["version"], m["segment"], mib(m["size"])) for m in status["models"]],
+        ["model", "version", "segment", "size MiB"])
+    return f"{head}\n\n{workers}\n\n{models}"
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    try:
+        with control_client(args, timeout=args.timeout) as client:
+            health = client.request("health")
+    except (ShmcacheError, OSError) as exc:
+        print(f"not live: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    ok = health["ready"] if args.ready else health["live"]
+    print(("ready" if health["ready"] else "live, not ready") if health["live"] else "not live")
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmcache",
@@ -106,7 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("demo", help="run the main job on the model that ships with shmcache")
+    p.add_argument("--requests", type=int, default=200, help="requests to send (default 200)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="a model to serve (repeatable); a bare PATH is named by its file stem; "
+                        "default: the model that ships with shmcache")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per worker (default max(1, cores // workers))")
+    p.add_argument("--max-inflight", type=int, default=64,
+                   help="requests a worker holds at once before answering overloaded")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds a stopping worker gets to answer what it has read")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_socket_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="workers, versions and memory of a running daemon")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_socket_arg(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("health", help="exit 0 when the daemon is live (with --ready: ready)")
+    p.add_argument("--ready", action="store_true", help="require readiness, not only liveness")
+    p.add_argument("--timeout", type=float, default=5.0)
+    add_socket_arg(p)
+    p.set_defaults(func=cmd_health)
     return parser
 
 

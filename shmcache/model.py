@@ -173,6 +173,7 @@ def build_model_segment(
     version: int,
     mode: int = 0o600,
     gid: int | None = None,
+    creator_pid: int | None = None,
 ) -> OwnedSegment:
     """Write ``model``'s weights and its rewritten graph into a new sealed segment.
 
@@ -186,4 +187,5 @@ def build_model_segment(
             point_at_segment(weight.tensor, name, entry.offset, entry.length)
         return model.SerializeToString()
 
-    return write_segment(name, model_name, version, sources, graph_for, mode=mode, gid=gid)
+    return write_segment(name, model_name, version, sources, graph_for, mode=mode, gid=gid,
+                         creator_pid=creator_pid)

@@ -50,8 +50,10 @@ def instance_id(socket_path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(real.encode()).hexdigest()[:8]
 
 
-def segment_name(instance: str, model: str, version: int) -> str:
-    return f"{PREFIX}{instance}.{os.getpid()}.{check_model_name(model)}.v{version}.{secrets.token_hex(3)}"
+def segment_name(instance: str, model: str, version: int, pid: int | None = None) -> str:
+    """A fresh name; ``pid`` is the owner's (the daemon's, when a helper builds for it)."""
+    owner = pid or os.getpid()
+    return f"{PREFIX}{instance}.{owner}.{check_model_name(model)}.v{version}.{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)

@@ -290,11 +290,13 @@ def write_segment(
     key: bytes = b"",
     mode: int = 0o600,
     gid: int | None = None,
+    creator_pid: int | None = None,
 ) -> OwnedSegment:
     """Create, fill, digest and seal a segment. On any failure nothing is left behind.
 
     ``graph_for`` receives the final layout and returns the graph bytes, which may refer to the
     entries' offsets (that is how the stored graph points ONNX Runtime at the segment).
+    ``creator_pid`` records the owner when a helper process builds on the daemon's behalf.
     """
     encoded_model = model.encode("utf-8")
     if not encoded_model or len(encoded_model) > MAX_NAME_BYTES:
@@ -316,7 +318,8 @@ def write_segment(
         shm.close_fd()
         try:
             _fill(mem, plan, sources, graph)
-            _seal(mem, plan, graph, model=encoded_model, version=version, flags=flags, key=key)
+            _seal(mem, plan, graph, model=encoded_model, version=version, flags=flags, key=key,
+                  creator=creator_pid or os.getpid())
         finally:
             mem.close()
     except BaseException:
@@ -375,12 +378,12 @@ def _write_table(mem: mmap.mmap, plan: Plan) -> None:
 
 def _seal(
     mem: mmap.mmap, plan: Plan, graph: bytes, *, model: bytes, version: int, flags: int,
-    key: bytes,
+    key: bytes, creator: int,
 ) -> None:
     total = plan.graph_offset() + len(graph)
     HEADER.pack_into(
         mem, 0, MAGIC, LAYOUT_VERSION, STATE_BUILDING, flags, model, version, b"",
-        time.time_ns(), os.getpid(), len(plan.entries), total, HEADER_SIZE, plan.table_length,
+        time.time_ns(), creator, len(plan.entries), total, HEADER_SIZE, plan.table_length,
         plan.graph_offset(), len(graph), plan.data_offset, plan.data_length, key[:32], b"",
     )
     digest = digest_of(mem, HEADER_SIZE, total, identity(mem))

@@ -1,0 +1,1 @@
+"""The daemon's main process: builds segments, forks workers, keeps them alive."""

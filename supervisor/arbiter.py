@@ -1,0 +1,740 @@
+"""The arbiter: the daemon's main process and nothing else (after gunicorn's arbiter.py).
+
+It binds the sockets, has each model's segment built (by a helper process, ``supervisor.build``),
+forks the workers, and keeps them alive. The main loop is flat::
+
+    wait on the selector (signal pipe, worker channels, control clients, early clients)
+      -> dispatch: handle_<signal>, on_worker_message, on_control_request, answer_early_client
+      -> tick: reap_workers, reap_builds, murder_stale_workers, manage_workers, notify
+
+Handlers change desired state; ``manage_workers`` does the work. Signal handlers only queue:
+Python's C-level handler writes the signal number to a pipe (``signal.set_wakeup_fd``) and the
+loop reads it — no logging or I/O in a handler (gunicorn issues 2564, 2816, 3004).
+
+Signals:
+
+    =========  ===========================================================================
+    TERM, INT  graceful stop: stop accepting; workers answer what they have read, within
+               graceful_timeout; then KILL; unlink segments and sockets; exit 0
+    QUIT       fast stop: workers exit at once; unlink segments and sockets; exit 0
+    HUP        reload: replace the workers one at a time, each new one ready before an old
+               one stops, so no request fails
+    TTIN       one worker more
+    TTOU       one worker fewer (never below 1)
+    CHLD       (wakes the loop to reap)
+    =========  ===========================================================================
+
+Exit codes: EXIT_OK 0; EXIT_STARTUP 1 (a startup check failed: model, socket, /dev/shm);
+EXIT_BOOT_LOOP 3 (workers failed to boot repeatedly; same value as worker.WORKER_BOOT_ERROR).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from shmcache import errors, protocol, registry
+from shmcache.segment import OwnedSegment
+from supervisor.config import ServeConfig
+from supervisor.notify import Notifier
+from supervisor.peers import Peer
+
+log = logging.getLogger("shmcache.supervisor")
+
+EXIT_OK = 0
+EXIT_STARTUP = 1
+EXIT_BOOT_LOOP = 3
+WORKER_BOOT_ERROR = 3  # keep in step with worker.server.WORKER_BOOT_ERROR (not imported: ORT)
+FAST_STOP_SECONDS = 5.0
+TICK = 0.25
+CONTROL_OPS = frozenset({"ping", "status", "health", "publish", "rollback"})
+
+SIGNALS = {
+    signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit", signal.SIGHUP: "hup",
+    signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGCHLD: "chld",
+}
+
+
+class StartupError(errors.ShmcacheError):
+    """A check before serving failed; the message says what and how to fix it."""
+
+
+@dataclass
+class WorkerHandle:
+    pid: int
+    peer: Peer
+    started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    state: str = "booting"  # booting -> ready -> stopping
+    last_beat: float = field(default_factory=time.monotonic)
+    served: int = 0
+    inflight: int = 0
+    versions: dict[str, int] = field(default_factory=dict)
+    retiring: bool = False  # to be replaced by a reload
+
+
+@dataclass
+class Build:
+    model: str
+    path: Path
+    segment: str
+    version: int
+    proc: subprocess.Popen[str]
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ModelState:
+    name: str
+    path: Path
+    version: int
+    segment: OwnedSegment
+
+
+class Arbiter:
+    def __init__(self, config: ServeConfig, *, notifier: Notifier | None = None) -> None:
+        self.cfg = config
+        self.instance = registry.instance_id(config.socket)
+        self.notifier = notifier or Notifier()
+        self.sel = selectors.DefaultSelector()
+        self.models: dict[str, ModelState] = {}
+        self.builds: dict[str, Build] = {}
+        self.workers: dict[int, WorkerHandle] = {}
+        self.target = config.workers
+        self.phase = "starting"  # starting -> building -> running -> stopping -> done
+        self.stop_deadline = 0.0
+        self.exit_code = EXIT_OK
+        self.boot_failures = 0
+        self.restarts = 0
+        self.ready_announced = False
+        self.reloading = False
+        self.listener: socket.socket | None = None
+        self.ctl_listener: socket.socket | None = None
+        self.ctl_peers: set[Peer] = set()
+        self.early_peers: set[Peer] = set()
+        self.started = time.time()
+        self.last_watchdog = 0.0
+        self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        try:
+            self.start()
+            while self.phase != "done":
+                self.wait_and_dispatch()
+                self.tick()
+        except StartupError as exc:
+            log.error("%s", exc)
+            self.exit_code = EXIT_STARTUP
+        finally:
+            self.cleanup()
+        return self.exit_code
+
+    def start(self) -> None:
+        self.install_signals()
+        self.check_models()
+        self.check_socket_free(self.cfg.socket)
+        self.check_socket_free(self.cfg.control_socket)
+        self.sweep_orphans()
+        self.listener = self.bind(self.cfg.socket, 0o660, backlog=1024)
+        self.ctl_listener = self.bind(self.cfg.control_socket, 0o600, backlog=64)
+        self.sel.register(self.ctl_listener, selectors.EVENT_READ, self.accept_control)
+        self.open_early_door()
+        log.info("listening on %s (control %s), instance %s, pid %d", self.cfg.socket,
+                 self.cfg.control_socket, self.instance, os.getpid())
+        self.phase = "building"
+        self.start_builds()
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self.sig_w, warn_on_full_buffer=False)
+        for sig in SIGNALS:
+            signal.signal(sig, lambda signum, frame: None)  # the wakeup fd is the queue
+        self.sel.register(self.sig_r, selectors.EVENT_READ, self.drain_signals)
+
+    def check_models(self) -> None:
+        for spec in self.cfg.models:
+            if not spec.path.exists():
+                raise StartupError(f"model {spec.name!r}: file {str(spec.path)!r} does not exist")
+            if not spec.path.is_file() or not os.access(spec.path, os.R_OK):
+                raise StartupError(f"model {spec.name!r}: {str(spec.path)!r} is not a readable file")
+
+    def check_socket_free(self, path: Path) -> None:
+        """Refuse to steal a live daemon's socket; remove a dead one's leftover socket file."""
+        directory = path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create socket directory {directory}: {exc.strerror}") from exc
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StartupError(f"socket directory {directory} is not writable by uid {os.geteuid()}")
+        if not path.exists() and not path.is_symlink():
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.warning("removing stale socket %s (no daemon behind it)", path)
+            path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            raise StartupError(f"cannot probe existing socket {path}: {exc}") from exc
+        finally:
+            probe.close()
+        raise StartupError(f"another shmcache daemon is already serving on {path}; "
+                           "stop it first or choose another --socket")
+
+    def sweep_orphans(self) -> None:
+        for item in registry.sweep_orphans(self.instance):
+            log.info("swept orphaned segment %s (%d bytes, creator pid %s dead)",
+                     item.name, item.size, item.pid)
+
+    def bind(self, path: Path, mode: int, backlog: int) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~mode)  # no window in which the socket is more open
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        gid = self.cfg.group_id()
+        if gid is not None and mode & 0o070:
+            os.chown(path, -1, gid)
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return sock
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def wait_and_dispatch(self) -> None:
+        self.update_write_interest()
+        for key, _ in self.sel.select(TICK):
+            key.data(key.fileobj)
+
+    def update_write_interest(self) -> None:
+        for peer in [w.peer for w in self.workers.values()] + list(self.ctl_peers) + list(self.early_peers):
+            if peer.closed:
+                continue
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.wants_write else 0)
+            try:
+                key = self.sel.get_key(peer)
+                if key.events != events:
+                    self.sel.modify(peer, events, key.data)
+            except KeyError:
+                pass
+
+    def tick(self) -> None:
+        self.reap_workers()
+        self.reap_builds()
+        if self.phase == "running":
+            self.murder_stale_workers()
+            self.manage_workers()
+        if self.phase == "stopping":
+            self.advance_stop()
+        self.update_early_door()
+        self.feed_watchdog()
+
+    def drain_signals(self, _: object) -> None:
+        try:
+            data = os.read(self.sig_r, 256)
+        except BlockingIOError:
+            return
+        for signum in data:
+            name = SIGNALS.get(signal.Signals(signum))
+            if name:
+                getattr(self, f"handle_{name}")()
+
+    # --- signal handlers: change desired state only -------------------------------------------
+
+    def handle_term(self) -> None:
+        self.begin_stop(graceful=True, why="SIGTERM")
+
+    def handle_int(self) -> None:
+        self.begin_stop(graceful=True, why="SIGINT")
+
+    def handle_quit(self) -> None:
+        self.begin_stop(graceful=False, why="SIGQUIT")
+
+    def handle_hup(self) -> None:
+        if self.phase != "running":
+            return
+        log.info("SIGHUP: reloading, replacing %d worker(s) one at a time", len(self.workers))
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+                             "STATUS=reloading workers")
+        self.reloading = True
+        for w in self.workers.values():
+            if w.state != "stopping":
+                w.retiring = True
+
+    def handle_ttin(self) -> None:
+        self.target += 1
+        log.info("SIGTTIN: workers %d -> %d", self.target - 1, self.target)
+
+    def handle_ttou(self) -> None:
+        if self.target > 1:
+            self.target -= 1
+            log.info("SIGTTOU: workers %d -> %d", self.target + 1, self.target)
+
+    def handle_chld(self) -> None:
+        pass  # reaping happens in tick()
+
+    # --- building segments ------------------------------------------------------------------
+
+    def start_builds(self) -> None:
+        pending = [m for m in self.cfg.models if m.name not in self.models and m.name not in self.builds]
+        for spec in pending[: max(0, self.cfg.build_parallel - len(self.builds))]:
+            self.start_build(spec.name, spec.path, version=1)
+
+    def start_build(self, model: str, path: Path, version: int) -> None:
+        name = registry.segment_name(self.instance, model, version)
+        gid = self.cfg.group_id()
+        cmd = [sys.executable, "-m", "supervisor.build", "--model-path", str(path),
+               "--model-name", model, "--segment", name, "--version", str(version),
+               "--owner-pid", str(os.getpid()), "--mode", "640" if gid is not None else "600"]
+        if gid is not None:
+            cmd += ["--gid", str(gid)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=child_env())
+        self.builds[model] = Build(model, path, name, version, proc)
+        log.info("building segment for model %r from %s", model, path)
+
+    def reap_builds(self) -> None:
+        for model, build in list(self.builds.items()):
+            if build.proc.poll() is None:
+                continue
+            del self.builds[model]
+            self.finish_build(build)
+        if self.phase == "building":
+            self.start_builds()
+            if not self.builds and len(self.models) == len(self.cfg.models):
+                self.phase = "running"
+                log.info("all %d model(s) in shared memory; starting %d worker(s)",
+                         len(self.models), self.target)
+
+    def finish_build(self, build: Build) -> None:
+        out = build.proc.stdout.read() if build.proc.stdout else ""
+        if build.proc.stdout:
+            build.proc.stdout.close()
+        try:
+            result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        except json.JSONDecodeError:
+            result = {}
+        if not result.get("ok"):
+            registry.remove(build.segment)  # whatever the helper left under our name
+            why = result.get("message") or f"builder exited with status {build.proc.returncode}"
+            self.fail_startup(f"model {build.model!r} ({build.path}): {why}")
+            return
+        owned = OwnedSegment(build.segment, int(result["size"]))
+        self.models[build.model] = ModelState(build.model, build.path, build.version, owned)
+        log.info("model %r v%d in segment %s (%.1f MiB) after %.2fs", build.model, build.version,
+                 build.segment, owned.size / 2**20, time.monotonic() - build.started)
+
+    def fail_startup(self, why: str) -> None:
+        log.error("cannot start: %s", why)
+        self.exit_code = EXIT_STARTUP
+        self.begin_stop(graceful=False, why="startup failure")
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def manage_workers(self) -> None:
+        """Reconcile the workers with the target count and any reload in progress."""
+        live = [w for w in self.workers.values() if w.state != "stopping"]
+        fresh = [w for w in live if not w.retiring]
+        retiring = [w for w in live if w.retiring]
+        booting = [w for w in fresh if w.state == "booting"]
+        if retiring:
+            ready_fresh = [w for w in fresh if w.state == "ready"]
+            if len(ready_fresh) + len(retiring) > self.target or (ready_fresh and len(fresh) >= self.target):
+                self.stop_worker(retiring[0])
+            elif not booting and len(fresh) < self.target:
+                self.spawn_worker()
+            return
+        if self.reloading and not booting:
+            self.reloading = False
+            log.info("reload complete")
+            self.notify_ready()
+        for _ in range(self.target - len(fresh)):
+            self.spawn_worker()
+        if len(fresh) > self.target:
+            newest = sorted(fresh, key=lambda w: w.started)[self.target :]
+            for w in newest:
+                self.stop_worker(w)
+
+    def spawn_worker(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            ours.close()
+            self.become_worker(theirs)
+        theirs.close()
+        handle = WorkerHandle(pid, Peer(ours))
+        self.workers[pid] = handle
+        self.sel.register(handle.peer, selectors.EVENT_READ, lambda p, h=handle: self.on_worker_readable(h))
+        log.info("spawned worker %d", pid)
+
+    def become_worker(self, control: socket.socket) -> None:
+        code = WORKER_BOOT_ERROR
+        try:
+            signal.set_wakeup_fd(-1)
+            self.close_inherited()
+            from worker.runtime import SessionSettings
+            from worker.server import WorkerConfig, run_worker
+
+            config = WorkerConfig(
+                models={m.name: m.segment.name for m in self.models.values()},
+                settings=SessionSettings(intra_op_threads=self.cfg.intra_threads(),
+                                         optimization=self.cfg.optimization),
+                max_inflight=self.cfg.max_inflight, max_frame=self.cfg.max_frame,
+                graceful_timeout=self.cfg.graceful_timeout,
+                warmup_parallel=self.cfg.warmup_parallel, supervisor_pid=os.getppid())
+            assert self.listener is not None
+            code = run_worker(config, self.listener, control)
+        except BaseException:  # noqa: BLE001 - a worker must never return into the arbiter
+            logging.getLogger("shmcache.worker").exception("worker %d crashed", os.getpid())
+        finally:
+            os._exit(code)
+
+    def close_inherited(self) -> None:
+        """In a new worker: drop every descriptor that belongs to the supervisor's job."""
+        for w in self.workers.values():
+            w.peer.close()
+        for peer in self.ctl_peers | self.early_peers:
+            peer.close()
+        if self.ctl_listener is not None:
+            self.ctl_listener.close()
+        self.sel.close()
+        os.close(self.sig_r)
+        os.close(self.sig_w)
+        self.notifier.close()
+
+    def stop_worker(self, w: WorkerHandle, sig: int = signal.SIGTERM) -> None:
+        if w.state != "stopping":
+            log.info("stopping worker %d (%s)", w.pid, signal.Signals(sig).name)
+        w.state = "stopping"
+        try:
+            os.kill(w.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def on_worker_readable(self, w: WorkerHandle) -> None:
+        peer = w.peer
+        messages = peer.read()
+        if messages is None:
+            self.drop_peer(peer)
+            return
+        for msg in messages:
+            self.on_worker_message(w, msg)
+
+    def on_worker_message(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        w.last_beat = time.monotonic()
+        if op == "ready":
+            w.state = "ready" if w.state == "booting" else w.state
+            w.versions = dict(msg.get("models") or {})
+            self.boot_failures = 0
+            log.info("worker %d ready in %.2fs", w.pid, time.monotonic() - w.started)
+            self.close_early_door()
+        elif op == "beat":
+            w.served = int(msg.get("served", 0))
+            w.inflight = int(msg.get("inflight", 0))
+        elif op == "boot_failed":
+            log.error("worker %d failed to boot: %s", w.pid, msg.get("reason"))
+
+    def reap_workers(self) -> None:
+        for pid, w in list(self.workers.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            del self.workers[pid]
+            self.drop_peer(w.peer)
+            self.on_worker_exit(w, status)
+
+    def on_worker_exit(self, w: WorkerHandle, status: int) -> None:
+        how = describe_status(status)
+        if w.state == "stopping":
+            log.info("worker %d stopped (%s)", w.pid, how)
+            return
+        if w.state == "booting":
+            self.boot_failures += 1
+            log.error("worker %d died while booting (%s); %d boot failure(s) in a row",
+                      w.pid, how, self.boot_failures)
+            if self.boot_failures >= self.cfg.max_boot_failures:
+                log.error("workers failed to boot %d times in a row; giving up",
+                          self.boot_failures)
+                self.exit_code = EXIT_BOOT_LOOP
+                self.begin_stop(graceful=False, why="worker boot loop")
+            return
+        self.restarts += 1
+        log.warning("worker %d died (%s); replacing it", w.pid, how)
+
+    def murder_stale_workers(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.state == "ready" and now - w.last_beat > self.cfg.heartbeat_timeout:
+                log.error("worker %d silent for %.0fs; killing it", w.pid, now - w.last_beat)
+                self.stop_worker(w, signal.SIGKILL)
+            elif w.state == "booting" and now - w.started > self.cfg.boot_timeout:
+                log.error("worker %d not ready after %.0fs; killing it", w.pid, now - w.started)
+                self.stop_worker(w, signal.SIGKILL)
+
+    def ready_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.state == "ready"]
+
+    @property
+    def ready(self) -> bool:
+        """Every model warm on the target number of workers (what READY=1 promises)."""
+        return self.phase == "running" and len(self.ready_workers()) >= self.target
+
+    # --- readiness, early clients, watchdog --------------------------------------------------
+
+    def feed_watchdog(self) -> None:
+        if not self.ready_announced and self.ready and not self.reloading:
+            self.ready_announced = True
+            log.info("ready: %d worker(s), models %s", len(self.ready_workers()),
+                     ", ".join(f"{m.name} v{m.version}" for m in self.models.values()))
+            self.notify_ready()
+        interval = self.notifier.watchdog_interval()
+        if interval is None or self.phase not in ("building", "running"):
+            return
+        now = time.monotonic()
+        healthy = self.phase == "building" or all(
+            now - w.last_beat < self.cfg.heartbeat_timeout for w in self.ready_workers())
+        if healthy and now - self.last_watchdog >= interval:
+            self.last_watchdog = now
+            self.notifier.notify("WATCHDOG=1")
+
+    def notify_ready(self) -> None:
+        self.notifier.notify("READY=1", "STATUS=" + self.status_line())
+
+    def status_line(self) -> str:
+        models = ", ".join(f"{m.name} v{m.version}" for m in self.models.values())
+        return f"{len(self.ready_workers())}/{self.target} workers ready; {models}"
+
+    def open_early_door(self) -> None:
+        """Until a worker is ready, the supervisor itself answers ping (not ready) and infer
+        (``not_ready``), so a client learns the daemon is up at once (issue: up first, ready
+        later) instead of hanging in the listen backlog."""
+        assert self.listener is not None
+        try:
+            self.sel.register(self.listener, selectors.EVENT_READ, self.accept_early)
+        except KeyError:
+            pass
+
+    def close_early_door(self) -> None:
+        if self.listener is None:
+            return
+        try:
+            self.sel.unregister(self.listener)
+        except (KeyError, ValueError):
+            pass
+        for peer in list(self.early_peers):
+            self.drop_peer(peer)  # their next call reconnects and reaches a worker
+
+    def update_early_door(self) -> None:
+        if self.phase in ("building", "running") and not self.ready_workers():
+            if self.listener is not None:
+                self.open_early_door()
+
+    def accept_early(self, listener: socket.socket) -> None:
+        peer = self.accept(listener, self.early_peers, protocol.DEFAULT_MAX_FRAME)
+        if peer is not None:
+            self.sel.register(peer, selectors.EVENT_READ, self.on_early_readable)
+
+    def on_early_readable(self, peer: Peer) -> None:
+        messages = peer.read()
+        if messages is None:
+            self.drop_peer(peer)
+            return
+        for msg in messages:
+            try:
+                request = protocol.parse_request(msg)
+            except errors.RemoteError as exc:
+                peer.send(protocol.error_reply(exc.request_id, exc))
+                if exc.request_id is None:
+                    self.drop_peer(peer)
+                    return
+                continue
+            if request.op == "ping":
+                peer.send(protocol.ok_ping(request.id, False, pid=os.getpid(), phase=self.phase))
+            else:
+                peer.send(protocol.error_reply(request.id, errors.NotReady(
+                    f"shmcache is starting ({self.phase}); no worker is ready yet")))
+
+    # --- control socket -------------------------------------------------------------------------
+
+    def accept_control(self, listener: socket.socket) -> None:
+        peer = self.accept(listener, self.ctl_peers, 64 * 2**20)
+        if peer is not None:
+            self.sel.register(peer, selectors.EVENT_READ, self.on_control_readable)
+
+    def accept(self, listener: socket.socket, into: set[Peer], max_frame: int) -> Peer | None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return None
+        peer = Peer(sock, max_frame)
+        into.add(peer)
+        return peer
+
+    def on_control_readable(self, peer: Peer) -> None:
+        messages = peer.read()
+        if messages is None:
+            self.drop_peer(peer)
+            return
+        for msg in messages:
+            try:
+                request = protocol.parse_request(msg, ops=CONTROL_OPS)
+                peer.send(self.on_control_request(request))
+            except errors.RemoteError as exc:
+                peer.send(protocol.error_reply(exc.request_id, exc))
+                if exc.request_id is None:
+                    self.drop_peer(peer)
+                    return
+
+    def on_control_request(self, request: protocol.Request) -> dict[str, Any]:
+        if request.op == "ping":
+            return protocol.ok_ping(request.id, self.ready, phase=self.phase)
+        if request.op == "health":
+            return protocol.ok_result(request.id, live=self.phase in ("building", "running"),
+                                      ready=self.ready, phase=self.phase)
+        if request.op == "status":
+            return protocol.ok_result(request.id, **self.status())
+        raise errors.UnsupportedOp(f"{request.op!r} is not available yet")
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "pid": os.getpid(),
+            "phase": self.phase,
+            "ready": self.ready,
+            "socket": str(self.cfg.socket),
+            "uptime": time.time() - self.started,
+            "target_workers": self.target,
+            "restarts": self.restarts,
+            "workers": [dict(pid=w.pid, state=w.state, uptime=now - w.started, served=w.served,
+                             inflight=w.inflight, versions=w.versions, **memory_of(w.pid))
+                        for w in sorted(self.workers.values(), key=lambda w: w.started)],
+            "models": [dict(name=m.name, version=m.version, segment=m.segment.name,
+                            size=m.segment.size, path=str(m.path))
+                       for m in self.models.values()],
+        }
+
+    def drop_peer(self, peer: Peer) -> None:
+        try:
+            self.sel.unregister(peer)
+        except (KeyError, ValueError):
+            pass
+        peer.close()
+        self.ctl_peers.discard(peer)
+        self.early_peers.discard(peer)
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    def begin_stop(self, *, graceful: bool, why: str) -> None:
+        if self.phase in ("stopping", "done"):
+            if not graceful:  # a second, impatient signal
+                self.stop_deadline = min(self.stop_deadline, time.monotonic())
+            return
+        log.info("%s: %s stop", why, "graceful" if graceful else "fast")
+        self.notifier.notify("STOPPING=1", f"STATUS=stopping ({why})")
+        self.phase = "stopping"
+        self.close_early_door()
+        if self.listener is not None:
+            self.listener.close()  # workers hold their own copies until they stop accepting
+            self.listener = None
+        self.cfg.socket.unlink(missing_ok=True)  # new clients fail fast instead of queueing
+        for build in self.builds.values():
+            build.proc.kill()
+        seconds = self.cfg.graceful_timeout if graceful else FAST_STOP_SECONDS
+        self.stop_deadline = time.monotonic() + seconds + 1.0
+        for w in self.workers.values():
+            self.stop_worker(w, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def advance_stop(self) -> None:
+        for model, build in list(self.builds.items()):
+            if build.proc.poll() is not None:
+                del self.builds[model]
+                registry.remove(build.segment)
+                if build.proc.stdout:
+                    build.proc.stdout.close()
+        if not self.workers and not self.builds:
+            self.phase = "done"
+            return
+        if time.monotonic() > self.stop_deadline:
+            for w in self.workers.values():
+                log.warning("worker %d did not stop in time; killing it", w.pid)
+                self.stop_worker(w, signal.SIGKILL)
+            self.stop_deadline = time.monotonic() + 5.0
+
+    def cleanup(self) -> None:
+        """Last step of every exit path: nothing of ours stays in /dev/shm or on disk."""
+        for w in list(self.workers.values()):
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+                os.waitpid(w.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        for build in self.builds.values():
+            build.proc.kill()
+            build.proc.wait()
+            registry.remove(build.segment)
+        for m in self.models.values():
+            m.segment.unlink()
+        if self.listener is not None:
+            self.listener.close()
+            self.cfg.socket.unlink(missing_ok=True)
+        if self.ctl_listener is not None:
+            self.ctl_listener.close()
+            self.cfg.control_socket.unlink(missing_ok=True)
+        log.info("stopped")
+
+
+def describe_status(status: int) -> str:
+    """A waitpid status in words: 'exit 3' or 'killed by SIGKILL'."""
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    if os.WIFEXITED(status):
+        code = os.WEXITSTATUS(status)
+        return "exit 0" if code == 0 else f"exit {code}" + (
+            " (boot error)" if code == WORKER_BOOT_ERROR else "")
+    return f"status {status}"
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """Shared versus private memory of a worker (psutil: USS private, PSS proportional)."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {"rss": 0, "uss": 0, "pss": 0, "shared": 0}
+    return {"rss": info.rss, "uss": info.uss, "pss": info.pss, "shared": info.rss - info.uss}
+
+
+def child_env() -> dict[str, str]:
+    """The builder must import this very checkout of shmcache, wherever it was started from."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def serve(config: ServeConfig) -> int:
+    """Run a daemon in this process until it stops; the CLI's `serve`."""
+    if not config.models:
+        raise errors.ShmcacheError("no models to serve")
+    return Arbiter(config.validate()).run()
