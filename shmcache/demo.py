@@ -1,47 +1,143 @@
 """`shmcache demo`: the README's main job, on the model that ships with the project.
 
-Builds a segment from the embedded model, attaches it from a second process that prints the
-header and tensor table and checks every tensor against the model file, then removes it.
+Starts a daemon (`shmcache serve`, 2 workers) on the embedded model in a private directory, sends
+requests through the client library from two threads, checks every answer against an
+in-process ONNX Runtime session, prints latency, each worker's shared versus private memory and
+the version that answered, then stops the daemon with SIGTERM and checks nothing is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
-from shmcache.model import load_model, build_model_segment
-from shmcache.registry import instance_id, segment_name
-
-ATTACH_AND_PRINT = """
-import sys
 import numpy as np
-import onnx
-from onnx import numpy_helper
-from shmcache.cli import describe_segment
-from shmcache.segment import Segment
 
-seg = Segment.attach(sys.argv[1], verify=True)
-print(describe_segment(seg))
-model = onnx.load(sys.argv[2])
-for t in model.graph.initializer:
-    view = seg.tensor(t.name)
-    assert not view.flags.writeable
-    assert np.array_equal(view, numpy_helper.to_array(t)), t.name
-print(f"\\nattached from pid {__import__('os').getpid()}: digest verified, "
-      f"{len(model.graph.initializer)} tensors equal to the model file, read-only, no copy")
-"""
+from shmcache.client import Client
+from shmcache.errors import ShmcacheError
+from shmcache.paths import control_socket_path
+
+START_TIMEOUT = 120.0
+
+
+def start_daemon(socket_path: Path, workers: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "shmcache.cli", "serve", "--socket", str(socket_path),
+           "--workers", str(workers), "--log-level", "warning"]
+    return subprocess.Popen(cmd)
+
+
+def wait_ready(socket_path: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    with Client(control_socket_path(socket_path), timeout=5, connect_timeout=1) as control:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ShmcacheError(f"daemon exited with status {proc.returncode}")
+            try:
+                if control.request("health")["ready"]:
+                    return
+            except (ShmcacheError, OSError):
+                pass
+            time.sleep(0.05)
+    raise ShmcacheError("daemon not ready in time")
+
+
+def send_requests(socket_path: Path, count: int) -> tuple[list[float], dict[int, int], int]:
+    """Requests from two threads; returns latencies, answers per version, mismatches."""
+    import onnxruntime as ort
+
+    from shmcache.cli import embedded_model_path
+
+    reference = ort.InferenceSession(str(embedded_model_path()), providers=["CPUExecutionProvider"])
+    latencies: list[float] = []
+    versions: dict[int, int] = {}
+    wrong = [0]
+    lock = threading.Lock()
+    client = Client(socket_path)
+
+    def worker_thread(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(count // 2):
+            x = rng.standard_normal((4, 128)).astype(np.float32)
+            start = time.perf_counter()
+            (probs,), version = client.run_with_version("embedded", None, {"features": x})
+            elapsed = time.perf_counter() - start
+            (expected,) = reference.run(None, {"features": x})
+            with lock:
+                latencies.append(elapsed)
+                versions[version] = versions.get(version, 0) + 1
+                # Softmax outputs agree to float32 rounding (the daemon disables pre-packing).
+                wrong[0] += int(not np.allclose(probs, expected, rtol=1e-5, atol=1e-6))
+
+    threads = [threading.Thread(target=worker_thread, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+    return latencies, versions, wrong[0]
+
+
+def print_report(latencies: list[float], versions: dict[int, int], wrong: int,
+                 status: dict[str, object]) -> None:
+    from shmcache.cli import format_table, mib
+
+    ms = np.asarray(latencies) * 1000
+    print(f"{len(latencies)} requests from 2 threads, batch 4: "
+          f"p50 {np.percentile(ms, 50):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms; "
+          f"answers matching in-process ONNX Runtime: {len(latencies) - wrong}/{len(latencies)}")
+    print("versions that answered: " + ", ".join(f"v{v}: {n}" for v, n in sorted(versions.items())))
+    print()
+    workers = status["workers"]
+    assert isinstance(workers, list)
+    print(format_table(
+        [(w["pid"], w["served"], mib(w["shared"]), mib(w["uss"]), mib(w["pss"])) for w in workers],
+        ["worker pid", "served", "shared MiB", "private (USS) MiB", "PSS MiB"]))
+    models = status["models"]
+    assert isinstance(models, list)
+    for m in models:
+        print(f"\nmodel {m['name']} v{m['version']}: one copy of {mib(m['size'])} MiB in "
+              f"/dev/shm/{m['segment']}, mapped by every worker")
+
+
+def leftovers(instance_dir: Path) -> list[str]:
+    left = [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("shmcache.")
+            and p.name.split(".")[1] == _instance_of(instance_dir)]
+    return left + [p.name for p in instance_dir.iterdir()]
+
+
+def _instance_of(directory: Path) -> str:
+    from shmcache.registry import instance_id
+
+    return instance_id(directory / "shmcache.sock")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from shmcache.cli import embedded_model_path
-
-    path = embedded_model_path()
-    name = segment_name(instance_id("demo"), "embedded", 1)
-    owned = build_model_segment(load_model(path), name=name, model_name="embedded", version=1)
+    directory = Path(tempfile.mkdtemp(prefix="shmcache-demo-"))
+    socket_path = directory / "shmcache.sock"
+    proc = start_daemon(socket_path, workers=2)
     try:
-        print(f"built {name} from {path.name} in /dev/shm ({owned.size} bytes)\n")
-        done = subprocess.run([sys.executable, "-c", ATTACH_AND_PRINT, name, str(path)])
-        return done.returncode
+        print(f"started shmcache serve (pid {proc.pid}) with 2 workers on the embedded model, "
+              f"socket {socket_path}")
+        wait_ready(socket_path, proc)
+        latencies, versions, wrong = send_requests(socket_path, args.requests)
+        with Client(control_socket_path(socket_path)) as control:
+            status = control.request("status")
+        print()
+        print_report(latencies, versions, wrong, status)
     finally:
-        owned.unlink()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    left = leftovers(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    print(f"\ndaemon stopped (exit {code}); left behind in /dev/shm and the socket directory: "
+          f"{', '.join(left) if left else 'nothing'}")
+    return 0 if code == 0 and not left and not wrong else 1
+

@@ -86,6 +86,16 @@ class WorkerHandle:
 
 
 @dataclass
+class PendingStatus:
+    """A `status` request waiting for fresh counters from every worker (or a deadline)."""
+
+    peer: Peer
+    request_id: int
+    waiting: set[int]
+    deadline: float
+
+
+@dataclass
 class Build:
     model: str
     path: Path
@@ -123,6 +133,8 @@ class Arbiter:
         self.listener: socket.socket | None = None
         self.ctl_listener: socket.socket | None = None
         self.ctl_peers: set[Peer] = set()
+        self.pending_status: list[PendingStatus] = []
+        self.next_control_id = 1
         self.early_peers: set[Peer] = set()
         self.started = time.time()
         self.last_watchdog = 0.0
@@ -246,6 +258,7 @@ class Arbiter:
         if self.phase == "stopping":
             self.advance_stop()
         self.update_early_door()
+        self.answer_status()
         self.feed_watchdog()
 
     def drain_signals(self, _: object) -> None:
@@ -452,6 +465,12 @@ class Arbiter:
             w.inflight = int(msg.get("inflight", 0))
         elif op == "boot_failed":
             log.error("worker %d failed to boot: %s", w.pid, msg.get("reason"))
+        elif op == "reply" and msg.get("ok"):
+            w.served = int(msg.get("served", w.served))
+            w.inflight = int(msg.get("inflight", w.inflight))
+            for pending in self.pending_status:
+                pending.waiting.discard(w.pid)
+            self.answer_status()
 
     def reap_workers(self) -> None:
         for pid, w in list(self.workers.items()):
@@ -600,6 +619,9 @@ class Arbiter:
         for msg in messages:
             try:
                 request = protocol.parse_request(msg, ops=CONTROL_OPS)
+                if request.op == "status":
+                    self.ask_status(peer, request.id)
+                    continue
                 peer.send(self.on_control_request(request))
             except errors.RemoteError as exc:
                 peer.send(protocol.error_reply(exc.request_id, exc))
@@ -613,9 +635,26 @@ class Arbiter:
         if request.op == "health":
             return protocol.ok_result(request.id, live=self.phase in ("building", "running"),
                                       ready=self.ready, phase=self.phase)
-        if request.op == "status":
-            return protocol.ok_result(request.id, **self.status())
         raise errors.UnsupportedOp(f"{request.op!r} is not available yet")
+
+    def ask_status(self, peer: Peer, request_id: int) -> None:
+        """Ask every worker for fresh counters; answer when all replied or after a second."""
+        waiting = set()
+        for w in self.workers.values():
+            if w.state == "ready":
+                w.peer.send({"op": "stats", "id": self.next_control_id})
+                self.next_control_id += 1
+                waiting.add(w.pid)
+        self.pending_status.append(PendingStatus(peer, request_id, waiting, time.monotonic() + 1.0))
+        self.answer_status()
+
+    def answer_status(self) -> None:
+        now = time.monotonic()
+        for pending in list(self.pending_status):
+            pending.waiting &= set(self.workers)
+            if not pending.waiting or now > pending.deadline:
+                self.pending_status.remove(pending)
+                pending.peer.send(protocol.ok_result(pending.request_id, **self.status()))
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
