@@ -61,3 +61,99 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
            "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     return "\n".join(line.rstrip() for line in out)
+
+
+# --- a daemon under test (added for latency.py and coldstart.py) -------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = re.compile(r"worker (\d+) ready in ([0-9.]+)s")
+
+
+def shm_leftovers(sockets: list[Path]) -> list[str]:
+    """Segments in /dev/shm left by the daemons on ``sockets`` (others' runs are not ours)."""
+    from shmcache.registry import instance_id
+
+    mine = tuple(f"shmcache.{instance_id(s)}." for s in sockets)
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(mine))
+
+
+class Daemon:
+    """``shmcache serve`` in a subprocess, its stderr in ``log_path``; stop() sends TERM and waits.
+
+    ``start_to_ready`` is the time from Popen to the first ``health`` that says ready, polled
+    every ``poll`` seconds on the control socket.
+    """
+
+    def __init__(self, sock: Path, models: dict[str, Path], workers: int,
+                 threads: int | None = None, log_path: Path | None = None) -> None:
+        self.sock = sock
+        self.ctl = f"{sock}.ctl"
+        self.log_path = log_path or sock.with_suffix(".log")
+        cmd = [sys.executable, "-m", "shmcache.cli", "serve", "--workers", str(workers),
+               "--socket", str(sock)]
+        for name, path in models.items():
+            cmd += ["--model", f"{name}={path}"]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        self._log = open(self.log_path, "w")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.start_to_ready: float | None = None
+
+    def control(self):  # -> shmcache.Client, imported lazily: the client pulls numpy only
+        from shmcache import Client
+
+        return Client(self.ctl, timeout=5.0, connect_timeout=1.0)
+
+    def wait_ready(self, timeout: float = 300.0, poll: float = 0.005) -> float:
+        deadline = time.perf_counter() + timeout
+        with self.control() as ctl:
+            while time.perf_counter() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited {self.proc.returncode}; log:\n{self.log()}")
+                try:
+                    if ctl.request("health")["ready"]:
+                        self.start_to_ready = time.perf_counter() - self.started
+                        return self.start_to_ready
+                except Exception:  # not listening yet, or restarting the connection
+                    ctl.close()
+                time.sleep(poll)
+        raise TimeoutError(f"daemon not ready after {timeout}s; log:\n{self.log()}")
+
+    def status(self) -> dict:
+        with self.control() as ctl:
+            return ctl.request("status")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def ready_lines(self) -> dict[int, float]:
+        """pid -> the supervisor's own 'worker N ready in X s' (spawn to ready message)."""
+        return {int(m[1]): float(m[2]) for m in READY_LINE.finditer(self.log())}
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
