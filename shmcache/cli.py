@@ -118,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models=[ModelSpec.parse(m) for m in args.model] or [ModelSpec("embedded", embedded_model_path())],
         workers=args.workers, socket=socket_of(args), threads=args.threads,
         max_inflight=args.max_inflight, graceful_timeout=args.graceful_timeout,
-        log_level=args.log_level)
+        max_boot_failures=args.max_boot_failures, log_level=args.log_level)
     setup_logging(config.log_level)
     return serve(config)
 
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests a worker holds at once before answering overloaded")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds a stopping worker gets to answer what it has read")
+    p.add_argument("--max-boot-failures", type=int, default=5,
+                   help="workers failing to boot this many times in a row stop the daemon")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_socket_arg(p)
     p.set_defaults(func=cmd_serve)

@@ -1,0 +1,290 @@
+"""The daemon under real signals and real load: replacement, stop, reload, scaling, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+from onnx import helper
+
+import shmcache
+from shmcache import errors, registry
+from tests import models
+from tests.supervisor.daemon import Daemon, wait_until
+from worker.runtime import SessionSettings
+
+
+@pytest.fixture
+def model_paths(tmp_path: Path) -> dict[str, Path]:
+    return {"mlp": models.save(models.mlp((64, 256, 32), seed=8), tmp_path / "mlp.onnx"),
+            "slow": models.save(models.slow(), tmp_path / "slow.onnx")}
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, model_paths: dict[str, Path]) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, model_paths, workers=2)
+    try:
+        yield d.wait_ready()
+    finally:
+        code = d.stop()
+        assert d.segments() == [], "segments left in /dev/shm"
+        assert code == 0, d.log_text()
+
+
+class Load:
+    """Client threads calling continuously; every outcome is recorded and checked."""
+
+    def __init__(self, daemon: Daemon, path: Path, threads: int = 4) -> None:
+        self.socket = str(daemon.socket)
+        self.ref = ort.InferenceSession(str(path), SessionSettings(intra_op_threads=1).options(),
+                                        providers=["CPUExecutionProvider"])
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.loop, args=(i,)) for i in range(threads)]
+
+    def loop(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with shmcache.Client(self.socket, timeout=60) as client:
+            while not self.stop.is_set():
+                feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+                try:
+                    (y,) = client.run("mlp", None, feed)
+                    assert y.tobytes() == self.ref.run(None, feed)[0].tobytes()
+                    with self.lock:
+                        self.ok += 1
+                except BaseException as exc:  # noqa: BLE001 - recorded, asserted by the test
+                    with self.lock:
+                        self.failures.append(exc)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        wait_until(lambda: self.ok >= 20 or self.failures, 60, "load running")
+        return self
+
+    def progress(self, more: int) -> None:
+        target = self.ok + more
+        wait_until(lambda: self.ok >= target or self.failures, 60, f"{more} more calls")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def test_killed_worker_is_replaced_without_failing_a_call(
+    daemon: Daemon, model_paths: dict[str, Path]
+) -> None:
+    with Load(daemon, model_paths["mlp"]) as load:
+        for _ in range(3):
+            victim = daemon.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: victim not in daemon.worker_pids(None) and
+                       len(daemon.worker_pids()) == 2, 60, "replacement ready")
+            load.progress(30)
+    assert load.failures == []
+    assert daemon.status()["restarts"] == 3
+    assert "replacing it" in daemon.log_text()
+
+
+def test_replacement_maps_the_existing_segment_and_never_rereads_the_model(
+    daemon: Daemon, model_paths: dict[str, Path]
+) -> None:
+    before = {m["name"]: m["segment"] for m in daemon.status()["models"]}
+    for path in model_paths.values():
+        path.unlink()  # a replacement that re-read the file would fail to boot
+    victim = daemon.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in daemon.worker_pids(None) and
+               len(daemon.worker_pids()) == 2, 60, "replacement ready")
+    new = next(p for p in daemon.worker_pids() if p != victim)
+    maps = Path(f"/proc/{new}/maps").read_text()
+    assert all(seg in maps for seg in before.values())
+    with shmcache.Client(str(daemon.socket)) as c:
+        assert c.run("mlp", None, {"x": np.zeros((1, 64), np.float32)})[0].shape == (1, 32)
+
+
+def test_term_under_load_answers_every_request_already_read(
+    tmp_path: Path, model_paths: dict[str, Path]
+) -> None:
+    d = Daemon(tmp_path, model_paths, workers=1).wait_ready()
+    feed = {"x": np.random.default_rng(0).standard_normal((1024, 768)).astype(np.float32)}
+
+    async def main() -> list[object]:
+        async with shmcache.AsyncClient(str(d.socket), timeout=120) as client:
+            calls = [asyncio.ensure_future(client.run("slow", None, feed)) for _ in range(12)]
+            # Wait until the worker has read all 12 and most are still in flight, then stop it.
+            def all_read() -> dict | None:
+                w = d.status()["workers"][0]
+                return w if w["inflight"] + w["served"] == 12 else None
+
+            w = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: wait_until(all_read, 60, "12 read"))
+            assert w["inflight"] >= 4, "too fast to test: raise the batch"
+            d.signal(signal.SIGTERM)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, list) for r in results), results
+    assert d.wait_exit(60) == 0
+    assert d.segments() == [] and not d.socket.exists()
+
+
+def test_hup_replaces_every_worker_without_a_failed_call(
+    daemon: Daemon, model_paths: dict[str, Path]
+) -> None:
+    old = set(daemon.worker_pids())
+    with Load(daemon, model_paths["mlp"]) as load:
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: len(set(daemon.worker_pids()) - old) == 2 and
+                   len(daemon.worker_pids(None)) == 2, 120, "all workers replaced")
+        load.progress(50)
+    assert load.failures == []
+    assert "reload complete" in daemon.log_text()
+    assert not any(running(pid) for pid in old)
+
+
+def test_ttin_ttou_change_the_worker_count(daemon: Daemon) -> None:
+    daemon.signal(signal.SIGTTIN)
+    wait_until(lambda: len(daemon.worker_pids()) == 3, 60, "3 workers")
+    # Standard signals do not queue: a second TTOU sent before the first is handled may merge.
+    daemon.signal(signal.SIGTTOU)
+    wait_until(lambda: daemon.status()["target_workers"] == 2, 60, "target 2")
+    daemon.signal(signal.SIGTTOU)
+    wait_until(lambda: len(daemon.worker_pids(None)) == 1, 60, "1 worker")
+    daemon.signal(signal.SIGTTOU)  # never below one
+    time.sleep(0.5)  # give a wrong reaction the chance to show
+    assert len(daemon.worker_pids(None)) == 1
+    assert daemon.status()["target_workers"] == 1
+
+
+def test_sigkilled_supervisor_takes_workers_along_and_next_start_sweeps(
+    tmp_path: Path, model_paths: dict[str, Path]
+) -> None:
+    d = Daemon(tmp_path, model_paths, workers=2).wait_ready()
+    workers = d.worker_pids()
+    segments = d.segments()
+    assert len(segments) == 2
+    try:
+        d.signal(signal.SIGKILL)
+        d.wait_exit(10)
+        start = time.monotonic()
+        wait_until(lambda: not any(running(p) for p in workers), 5, "workers gone")
+        assert time.monotonic() - start < 1.0
+        assert all((Path("/dev/shm") / s).exists() for s in segments)  # orphans, for now
+        d2 = Daemon(tmp_path, model_paths, workers=1).wait_ready()
+        try:
+            assert not any((Path("/dev/shm") / s).exists() for s in segments)
+            assert "swept orphaned segment" in d2.log_text()
+        finally:
+            assert d2.stop() == 0
+        assert d2.segments() == []
+    finally:
+        registry.sweep_orphans(d.instance)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting for whoever adopted it to reap it."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_socket_modes(daemon: Daemon) -> None:
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
+    assert stat.S_IMODE(Path(f"{daemon.socket}.ctl").stat().st_mode) == 0o600
+    for seg in daemon.segments():
+        assert stat.S_IMODE((Path("/dev/shm") / seg).stat().st_mode) == 0o600
+
+
+def test_status_reports_workers_models_and_memory(daemon: Daemon) -> None:
+    with shmcache.Client(str(daemon.socket)) as c:
+        for _ in range(5):
+            c.run("mlp", None, {"x": np.zeros((1, 64), np.float32)})
+    status = daemon.status()
+    assert status["ready"] and len(status["workers"]) == 2
+    assert sum(w["served"] for w in status["workers"]) >= 5
+    for w in status["workers"]:
+        assert w["versions"] == {"mlp": 1, "slow": 1}
+        assert w["uss"] > 0 and w["pss"] >= w["uss"] and w["shared"] > 0
+    sizes = {m["name"]: m["size"] for m in status["models"]}
+    assert sizes["slow"] > 6 * 768 * 768 * 4
+
+
+def test_refuses_to_steal_a_live_daemons_socket(daemon: Daemon, tmp_path: Path,
+                                                model_paths: dict[str, Path]) -> None:
+    second = Daemon(tmp_path, model_paths)
+    assert second.wait_exit(60) == 1
+    assert "another shmcache daemon is already serving" in second.log_text()
+    assert daemon.health() is not None and daemon.health()["ready"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"not a model at all", "is not an ONNX model"),
+])
+def test_bad_model_file_is_a_clear_startup_error(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    d = Daemon(tmp_path, {"bad": path})
+    assert d.wait_exit(60) == 1
+    assert message in d.log_text()
+    assert d.segments() == [] and not d.socket.exists()
+
+
+def test_socket_directory_not_creatable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    d = Daemon(tmp_path, extra=["--socket", str(blocker / "sub" / "s.sock")])
+    assert d.wait_exit(60) == 1
+    assert "cannot create socket directory" in d.log_text()
+
+
+def unloadable_model() -> object:
+    """Parses as ONNX (so the segment builds) but ONNX Runtime cannot create a session."""
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOperator", ["x"], ["y"])], "bad",
+        [helper.make_tensor_value_info("x", 1, [1])], [helper.make_tensor_value_info("y", 1, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_boot_loop_stops_the_daemon_with_the_reason(tmp_path: Path) -> None:
+    path = models.save(unloadable_model(), tmp_path / "unloadable.onnx")  # type: ignore[arg-type]
+    d = Daemon(tmp_path, {"bad": path}, workers=1)
+    assert d.wait_exit(120) == 3
+    text = d.log_text()
+    assert "failed to boot" in text and "NoSuchOperator" in text and "giving up" in text
+    assert d.segments() == []
+
+
+def test_ping_answers_before_ready_and_infer_gets_not_ready(tmp_path: Path) -> None:
+    path = models.save(unloadable_model(), tmp_path / "unloadable.onnx")  # type: ignore[arg-type]
+    d = Daemon(tmp_path, {"bad": path}, workers=1, extra=["--max-boot-failures", "1000"])
+    try:
+        wait_until(lambda: d.socket.exists(), 30, "socket bound")
+        with shmcache.Client(str(d.socket), timeout=1.0) as c:
+            reply = c.ping()
+            assert reply["ready"] is False
+            with pytest.raises(errors.NotReady):
+                c.run("bad", None, {"x": np.zeros(1, np.float32)})
+        health = d.health()
+        assert health is not None and health["live"] is True and health["ready"] is False
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
