@@ -27,10 +27,14 @@ How ORT writes an external initializer (``TensorProto.external_data``, key → v
          of the packed  ``location``; checksum is always "0" and not validated (ORT 1.32).
          content        <k> counts keys per tensor (0, 1, ...); ORT only checks the prefix.
 
+At load ORT maps each original tensor, runs the kernel's PrePack on it, hashes the result and
+adopts the mapped blob only when ``op+hash`` equals the saved kernel key; then it unmaps the
+original. So the originals must be present in the segment (holes give wrong outputs), and a blob
+made on another CPU or ORT is ignored (private re-pack: memory lost, results still right).
 ORT refuses any other external_data key ("model format error!"), so relocation rewrites values
-and never adds keys. Alignment: ORT itself writes tensors and blobs larger than 1 MiB at 4096-byte
-aligned offsets so they can be mmap'ed; we ask for page alignment for every entry of at least a
-page and 64 bytes (a cache line, MLAS's buffer alignment) below that.
+and never adds keys. Alignment: ORT maps [offset rounded down to a page, offset + length), so any
+offset works (blobs at page+4 ran bit-identical at full speed); we still ask for page alignment
+for entries of at least a page, so each owns its pages, and 64 bytes (a cache line) below that.
 """
 
 from __future__ import annotations
@@ -320,7 +324,10 @@ def relocate_external_data(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.prepack", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.prepack",
+        description="Pre-pack MODEL into OUT_DIR/model.opt.onnx + model.opt.data with one ORT session.",
+    )
     parser.add_argument("model", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--opt-level", choices=OPT_LEVELS, default="extended")
