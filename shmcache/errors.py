@@ -39,6 +39,21 @@ class ModelError(ShmcacheError):
     """An ONNX model file is missing, is not ONNX, or holds data shmcache cannot serve."""
 
 
+class SignatureMismatch(ModelError):
+    """A candidate model's inputs or outputs differ from the served model's.
+
+    ``differences`` holds one human-readable line per difference (empty after unpickling).
+    """
+
+    def __init__(self, message: str, differences: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.differences = list(differences or [])
+
+
+class WeightsError(ModelError):
+    """A weights file (.npz or safetensors) is corrupt or truncated, or does not fit the graph."""
+
+
 # --- protocol / serving ---------------------------------------------------------------------
 
 
