@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -110,15 +111,55 @@ def socket_of(args: argparse.Namespace) -> Path:
     return args.socket if args.socket is not None else default_socket_path()
 
 
+SERVE_FLAGS: list[tuple[str, type, str]] = [
+    ("workers", int, "worker processes (default 2)"),
+    ("threads", int, "intra-op threads per worker (default max(1, cores // workers))"),
+    ("max_inflight", int, "requests a worker holds at once before answering overloaded (64)"),
+    ("max_frame", int, "largest request or response frame in bytes (272 MiB)"),
+    ("graceful_timeout", float, "seconds a stopping worker gets to answer what it read (30)"),
+    ("boot_timeout", float, "seconds a worker (or a publish) gets to load and warm up (600)"),
+    ("max_boot_failures", int, "boot failures in a row that stop the daemon (5)"),
+    ("state_dir", Path, "published versions and caches (/var/lib/shmcache for root)"),
+    ("keep", int, "earlier versions kept loaded for rollback (1)"),
+    ("group", str, "group owning the client socket and segments (modes 0660/0640)"),
+    ("metrics_address", str, "HOST:PORT for /metrics, /healthz, /readyz (off)"),
+    ("optimization", str, "ONNX Runtime graph optimization: disabled|basic|extended|all"),
+    ("log_level", str, "debug|info|warning|error"),
+]
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="a model to serve (repeatable); a bare PATH is named by its file stem; "
+                        "default: the model that ships with shmcache")
+    for name, kind, text in SERVE_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    p.add_argument("--lock-memory", action="store_true", default=None,
+                   help="keep segments resident (mlock); needs RLIMIT_MEMLOCK / LimitMEMLOCK=")
+    p.add_argument("--prepack", dest="prepack", action=argparse.BooleanOptionalAction, default=None,
+                   help="store ONNX Runtime's pre-packed weights in the segment (default on)")
+    add_socket_arg(p)
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """Defaults < --config file < flags given < SHMCACHE_* environment (supervisor.configfile)."""
+    from supervisor.config import ModelSpec
+    from supervisor.configfile import load_config, option_types
+
+    cli = {k: v for k, v in vars(args).items() if k in option_types() and v is not None}
+    if args.model:
+        cli["models"] = list(args.model)
+    config = load_config(args.config, cli, os.environ)
+    if not config.models:
+        config.models = [ModelSpec("embedded", embedded_model_path())]
+    return config
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from supervisor.arbiter import serve
-    from supervisor.config import ModelSpec, ServeConfig
 
-    config = ServeConfig(
-        models=[ModelSpec.parse(m) for m in args.model] or [ModelSpec("embedded", embedded_model_path())],
-        workers=args.workers, socket=socket_of(args), threads=args.threads,
-        max_inflight=args.max_inflight, graceful_timeout=args.graceful_timeout,
-        max_boot_failures=args.max_boot_failures, log_level=args.log_level)
+    config = serve_config(args)
     setup_logging(config.log_level)
     return serve(config)
 
@@ -171,6 +212,70 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Publish a new version; on a terminal, show the phases while the daemon works."""
+    import threading
+
+    path = args.path.resolve()
+    result: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            with control_client(args, timeout=args.timeout) as client:
+                result.update(client.request("publish", model=args.model, path=str(path),
+                                             allow_signature_change=args.allow_signature_change))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=publish, daemon=True)
+    worker.start()
+    if sys.stdout.isatty():
+        show_progress(args, worker)
+    worker.join()
+    if failure:
+        raise failure[0]
+    timings = result.get("timings", {})
+    if sys.stdout.isatty():
+        print(f"\r{args.model}: v{result['previous']} -> v{result['version']} "
+              f"(write {timings.get('write', 0):.2f}s, prepare {timings.get('prepare', 0):.2f}s)")
+    else:
+        print(result["version"])
+    return EXIT_OK
+
+
+def show_progress(args: argparse.Namespace, publishing: Any) -> None:
+    last = ""
+    with control_client(args) as client:
+        while publishing.is_alive():
+            try:
+                p = client.request("publish_status", model=args.model)
+            except ShmcacheError:
+                break
+            phase = p.get("phase", "idle")
+            if phase == "building":
+                line = f"writing v{p['version']} ({p['elapsed']:.1f}s)"
+            elif phase == "preparing":
+                line = (f"wrote {mib(p['size'])} MiB; preparing on workers "
+                        f"({p['prepared']} done, {p['waiting']} waiting)")
+            else:
+                line = "flipping"
+            if line != last:
+                print(f"\r{line:<72}", end="", flush=True)
+                last = line
+            publishing.join(0.1)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with control_client(args) as client:
+        fields: dict[str, Any] = {"model": args.model}
+        if args.to is not None:
+            fields["to"] = args.to
+        result = client.request("rollback", **fields)
+    print(f"{args.model}: v{result['previous']} -> v{result['version']}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmcache",
@@ -192,21 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="run the daemon in the foreground")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                   help="a model to serve (repeatable); a bare PATH is named by its file stem; "
-                        "default: the model that ships with shmcache")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads per worker (default max(1, cores // workers))")
-    p.add_argument("--max-inflight", type=int, default=64,
-                   help="requests a worker holds at once before answering overloaded")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds a stopping worker gets to answer what it has read")
-    p.add_argument("--max-boot-failures", type=int, default=5,
-                   help="workers failing to boot this many times in a row stop the daemon")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    add_socket_arg(p)
+    add_serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("publish", help="publish a new weight version, swapped in atomically")
+    p.add_argument("model", help="name of a served model")
+    p.add_argument("path", type=Path, help="an ONNX file, or weights by name (.npz, safetensors)")
+    p.add_argument("--allow-signature-change", action="store_true",
+                   help="accept inputs/outputs that differ from the served version's")
+    p.add_argument("--timeout", type=float, default=900.0)
+    add_socket_arg(p)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("rollback", help="flip back to a kept earlier version")
+    p.add_argument("model")
+    p.add_argument("--to", type=int, default=None, help="version (default: the previous one)")
+    add_socket_arg(p)
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("status", help="workers, versions and memory of a running daemon")
     p.add_argument("--json", action="store_true", help="machine-readable output")

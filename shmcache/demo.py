@@ -29,7 +29,8 @@ START_TIMEOUT = 120.0
 
 def start_daemon(socket_path: Path, workers: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "shmcache.cli", "serve", "--socket", str(socket_path),
-           "--workers", str(workers), "--log-level", "warning"]
+           "--workers", str(workers), "--log-level", "warning",
+           "--state-dir", str(socket_path.parent / "state")]
     return subprocess.Popen(cmd)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 import os
 import selectors
 import signal
@@ -46,10 +47,15 @@ from typing import Any
 import psutil
 
 from shmcache import errors, protocol, registry
-from shmcache.segment import OwnedSegment
+from shmcache.segment import OwnedSegment, Segment
+from shmcache.state import VersionTable
 from supervisor.config import ServeConfig
+from supervisor.memlock import LockedSegment, MemoryLockError, lock_segment
+from supervisor.metrics import HttpEndpoint, MetricsRegistry, standard_routes
 from supervisor.notify import Notifier
 from supervisor.peers import Peer
+from supervisor.publish import PublishJob
+from supervisor.versions import Manifest, ModelState, Version
 
 log = logging.getLogger("shmcache.supervisor")
 
@@ -59,7 +65,7 @@ EXIT_BOOT_LOOP = 3
 WORKER_BOOT_ERROR = 3  # keep in step with worker.server.WORKER_BOOT_ERROR (not imported: ORT)
 FAST_STOP_SECONDS = 5.0
 TICK = 0.25
-CONTROL_OPS = frozenset({"ping", "status", "health", "publish", "rollback"})
+CONTROL_OPS = frozenset({"ping", "status", "health", "publish", "publish_status", "rollback"})
 
 SIGNALS = {
     signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit", signal.SIGHUP: "hup",
@@ -103,14 +109,7 @@ class Build:
     version: int
     proc: subprocess.Popen[str]
     started: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class ModelState:
-    name: str
-    path: Path
-    version: int
-    segment: OwnedSegment
+    job: PublishJob | None = None  # set when the build is a publish
 
 
 class Arbiter:
@@ -119,7 +118,16 @@ class Arbiter:
         self.instance = registry.instance_id(config.socket)
         self.notifier = notifier or Notifier()
         self.sel = selectors.DefaultSelector()
-        self.models: dict[str, ModelState] = {}
+        self.models: dict[str, ModelState] = {
+            spec.name: ModelState(spec.name, slot, spec.path)
+            for slot, spec in enumerate(config.models)}
+        self.table: VersionTable | None = None
+        self.manifest = Manifest(config.state_dir)
+        self.publishes: dict[str, PublishJob] = {}
+        self.prepare_ids: dict[int, tuple[str, int]] = {}  # control id -> (model, worker pid)
+        self.metrics = MetricsRegistry(memory_of=memory_of)
+        self.http: HttpEndpoint | None = None
+        self.locks: list[LockedSegment] = []
         self.builds: dict[str, Build] = {}
         self.workers: dict[int, WorkerHandle] = {}
         self.target = config.workers
@@ -161,10 +169,20 @@ class Arbiter:
         self.check_models()
         self.check_socket_free(self.cfg.socket)
         self.check_socket_free(self.cfg.control_socket)
+        self.load_manifest()
+        self.adopt_intact_segments()
         self.sweep_orphans()
+        gid = self.cfg.group_id()
+        self.table = VersionTable.create(
+            registry.segment_name(self.instance, "_state", 0), list(self.models),
+            mode=0o640 if gid is not None else 0o600, gid=gid)
+        for state in self.models.values():
+            if state.current:
+                self.table.flip(state.slot, state.current)
         self.listener = self.bind(self.cfg.socket, 0o660, backlog=1024)
         self.ctl_listener = self.bind(self.cfg.control_socket, 0o600, backlog=64)
         self.sel.register(self.ctl_listener, selectors.EVENT_READ, self.accept_control)
+        self.start_metrics()
         self.open_early_door()
         log.info("listening on %s (control %s), instance %s, pid %d", self.cfg.socket,
                  self.cfg.control_socket, self.instance, os.getpid())
@@ -209,6 +227,49 @@ class Arbiter:
             probe.close()
         raise StartupError(f"another shmcache daemon is already serving on {path}; "
                            "stop it first or choose another --socket")
+
+    def load_manifest(self) -> None:
+        try:
+            self.manifest.load()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
+
+    def initial_version(self, state: ModelState) -> tuple[int, Path]:
+        """The last committed version survives restarts; else version 1 of the given file."""
+        committed = self.manifest.committed(state.name)
+        if committed is not None:
+            return committed
+        return 1, state.path
+
+    def adopt_intact_segments(self) -> None:
+        """After a crash, re-attach the committed version's segment if it is sealed and intact."""
+        found = [f for f in registry.list_objects(self.instance) if f.orphan and f.sealed]
+        for state in self.models.values():
+            version, file = self.initial_version(state)
+            for item in found:
+                if item.model != state.name or item.version != version or state.current:
+                    continue
+                try:
+                    Segment.attach(item.name, verify=True).close()
+                except errors.SegmentError as exc:
+                    log.warning("not re-attaching %s: %s", item.name, exc)
+                    continue
+                owned = registry.adopt(item.name)
+                state.versions[version] = Version(version, owned, file)
+                state.current = version
+                log.info("re-attached intact segment %s for %s v%d (digest verified)",
+                         item.name, state.name, version)
+
+    def start_metrics(self) -> None:
+        if not self.cfg.metrics_address:
+            return
+        try:
+            self.http = HttpEndpoint(self.cfg.metrics_address, standard_routes(
+                self.metrics, lambda: self.phase in ("building", "running"), lambda: self.ready))
+        except OSError as exc:
+            raise StartupError(f"metrics address {self.cfg.metrics_address}: {exc}") from exc
+        self.http.register(self.sel)
+        log.info("metrics on http://%s:%d/metrics", *self.http.address)
 
     def sweep_orphans(self) -> None:
         for item in registry.sweep_orphans(self.instance):
@@ -259,6 +320,8 @@ class Arbiter:
             self.advance_stop()
         self.update_early_door()
         self.answer_status()
+        self.expire_publishes()
+        self.update_metrics()
         self.feed_watchdog()
 
     def drain_signals(self, _: object) -> None:
@@ -308,21 +371,28 @@ class Arbiter:
     # --- building segments ------------------------------------------------------------------
 
     def start_builds(self) -> None:
-        pending = [m for m in self.cfg.models if m.name not in self.models and m.name not in self.builds]
-        for spec in pending[: max(0, self.cfg.build_parallel - len(self.builds))]:
-            self.start_build(spec.name, spec.path, version=1)
+        pending = [m for m in self.models.values() if not m.current and m.name not in self.builds]
+        for state in pending[: max(0, self.cfg.build_parallel - len(self.builds))]:
+            version, path = self.initial_version(state)
+            if path != state.path:
+                log.info("model %r: serving committed version %d from %s", state.name, version, path)
+            self.start_build(state.name, path, version)
 
-    def start_build(self, model: str, path: Path, version: int) -> None:
-        name = registry.segment_name(self.instance, model, version)
+    def start_build(self, model: str, path: Path, version: int, extra: list[str] | None = None,
+                    job: PublishJob | None = None) -> Build:
+        name = job.segment if job else registry.segment_name(self.instance, model, version)
         gid = self.cfg.group_id()
         cmd = [sys.executable, "-m", "supervisor.build", "--model-path", str(path),
                "--model-name", model, "--segment", name, "--version", str(version),
                "--owner-pid", str(os.getpid()), "--mode", "640" if gid is not None else "600"]
         if gid is not None:
             cmd += ["--gid", str(gid)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=child_env())
-        self.builds[model] = Build(model, path, name, version, proc)
-        log.info("building segment for model %r from %s", model, path)
+        proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, text=True,
+                                env=child_env())
+        build = Build(model, path, name, version, proc, job=job)
+        self.builds[f"publish:{model}" if job else model] = build
+        log.info("building segment for model %r v%d from %s", model, version, path)
+        return build
 
     def reap_builds(self) -> None:
         for model, build in list(self.builds.items()):
@@ -332,7 +402,7 @@ class Arbiter:
             self.finish_build(build)
         if self.phase == "building":
             self.start_builds()
-            if not self.builds and len(self.models) == len(self.cfg.models):
+            if not self.builds and all(m.current for m in self.models.values()):
                 self.phase = "running"
                 log.info("all %d model(s) in shared memory; starting %d worker(s)",
                          len(self.models), self.target)
@@ -348,12 +418,37 @@ class Arbiter:
         if not result.get("ok"):
             registry.remove(build.segment)  # whatever the helper left under our name
             why = result.get("message") or f"builder exited with status {build.proc.returncode}"
-            self.fail_startup(f"model {build.model!r} ({build.path}): {why}")
+            if build.job is not None:
+                self.fail_publish(build.job, f"{result.get('error', 'error')}: {why}")
+            else:
+                self.fail_startup(f"model {build.model!r} ({build.path}): {why}")
             return
         owned = OwnedSegment(build.segment, int(result["size"]))
-        self.models[build.model] = ModelState(build.model, build.path, build.version, owned)
         log.info("model %r v%d in segment %s (%.1f MiB) after %.2fs", build.model, build.version,
                  build.segment, owned.size / 2**20, time.monotonic() - build.started)
+        if not self.lock(owned):
+            owned.unlink()
+            return
+        state = self.models[build.model]
+        if build.job is not None:
+            state.versions[build.version] = Version(build.version, owned, build.job.file)
+            self.start_prepare(build.job, owned.size)
+            return
+        state.versions[build.version] = Version(build.version, owned, build.path)
+        state.current = build.version
+        assert self.table is not None
+        self.table.flip(state.slot, build.version)
+
+    def lock(self, owned: OwnedSegment) -> bool:
+        """--lock-memory: keep the segment resident; a failure stops the daemon with the fix."""
+        if not self.cfg.lock_memory:
+            return True
+        try:
+            self.locks.append(lock_segment(owned.name, owned.size))
+        except MemoryLockError as exc:
+            self.fail_startup(str(exc))
+            return False
+        return True
 
     def fail_startup(self, why: str) -> None:
         log.error("cannot start: %s", why)
@@ -407,7 +502,9 @@ class Arbiter:
             from worker.server import WorkerConfig, run_worker
 
             config = WorkerConfig(
-                models={m.name: m.segment.name for m in self.models.values()},
+                models={m.name: m.segments() for m in self.models.values()},
+                version_table=self.table.name if self.table else None,
+                slots={m.name: m.slot for m in self.models.values()},
                 settings=SessionSettings(intra_op_threads=self.cfg.intra_threads(),
                                          optimization=self.cfg.optimization),
                 max_inflight=self.cfg.max_inflight, max_frame=self.cfg.max_frame,
@@ -428,6 +525,9 @@ class Arbiter:
             peer.close()
         if self.ctl_listener is not None:
             self.ctl_listener.close()
+        if self.http is not None:
+            self.http.close_after_fork()  # before sel.close: the epoll set is shared
+        self.locks = []  # the child's copies of the locked mappings go with it
         self.sel.close()
         os.close(self.sig_r)
         os.close(self.sig_w)
@@ -460,9 +560,15 @@ class Arbiter:
             self.boot_failures = 0
             log.info("worker %d ready in %.2fs", w.pid, time.monotonic() - w.started)
             self.close_early_door()
+            for job in self.publishes.values():
+                if job.phase == "preparing":
+                    self.ask_prepare(job, w)
         elif op == "beat":
             w.served = int(msg.get("served", 0))
             w.inflight = int(msg.get("inflight", 0))
+            self.metrics.update_worker(w.pid, msg.get("requests"), inflight=w.inflight)
+        elif op == "reply" and msg.get("id") in self.prepare_ids:
+            self.on_prepared(w, msg)
         elif op == "boot_failed":
             log.error("worker %d failed to boot: %s", w.pid, msg.get("reason"))
         elif op == "reply" and msg.get("ok"):
@@ -482,6 +588,11 @@ class Arbiter:
                 continue
             del self.workers[pid]
             self.drop_peer(w.peer)
+            self.metrics.worker_gone(pid)
+            for job in list(self.publishes.values()):
+                if pid in job.waiting:
+                    self.fail_publish(job, f"worker {pid} died while preparing "
+                                           f"({describe_status(status)})")
             self.on_worker_exit(w, status)
 
     def on_worker_exit(self, w: WorkerHandle, status: int) -> None:
@@ -622,6 +733,9 @@ class Arbiter:
                 if request.op == "status":
                     self.ask_status(peer, request.id)
                     continue
+                if request.op == "publish":
+                    self.start_publish(peer, request)
+                    continue
                 peer.send(self.on_control_request(request))
             except errors.RemoteError as exc:
                 peer.send(protocol.error_reply(exc.request_id, exc))
@@ -635,7 +749,12 @@ class Arbiter:
         if request.op == "health":
             return protocol.ok_result(request.id, live=self.phase in ("building", "running"),
                                       ready=self.ready, phase=self.phase)
-        raise errors.UnsupportedOp(f"{request.op!r} is not available yet")
+        if request.op == "publish_status":
+            job = self.publishes.get(str(request.raw.get("model")))
+            return protocol.ok_result(request.id, **(job.progress() if job else {"phase": "idle"}))
+        if request.op == "rollback":
+            return self.rollback(request)
+        raise errors.UnsupportedOp(f"{request.op!r} is not available")
 
     def ask_status(self, peer: Peer, request_id: int) -> None:
         """Ask every worker for fresh counters; answer when all replied or after a second."""
@@ -669,9 +788,12 @@ class Arbiter:
             "workers": [dict(pid=w.pid, state=w.state, uptime=now - w.started, served=w.served,
                              inflight=w.inflight, versions=w.versions, **memory_of(w.pid))
                         for w in sorted(self.workers.values(), key=lambda w: w.started)],
-            "models": [dict(name=m.name, version=m.version, segment=m.segment.name,
-                            size=m.segment.size, path=str(m.path))
-                       for m in self.models.values()],
+            "models": [dict(name=m.name, version=m.current, segment=m.segment.name,
+                            size=m.segment.size, path=str(m.versions[m.current].file),
+                            kept=sorted(v for v in m.versions if v != m.current),
+                            publishing=self.publishes[m.name].version
+                            if m.name in self.publishes else None)
+                       for m in self.models.values() if m.current],
         }
 
     def drop_peer(self, peer: Peer) -> None:
@@ -682,6 +804,167 @@ class Arbiter:
         peer.close()
         self.ctl_peers.discard(peer)
         self.early_peers.discard(peer)
+        for job in list(self.publishes.values()):
+            if job.peer is peer:
+                self.fail_publish(job, "the publisher disconnected before the flip")
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    def start_publish(self, peer: Peer, request: protocol.Request) -> None:
+        """Control op ``publish``: build, prepare everywhere, flip; the reply comes at the end."""
+        raw = request.raw
+        model, path = str(raw.get("model") or ""), Path(str(raw.get("path") or ""))
+        state = self.models.get(model)
+        if state is None or not state.current:
+            raise errors.UnknownModel(f"no model {model!r}; serving: {', '.join(self.models)}")
+        if self.phase != "running":
+            raise errors.NotReady(f"cannot publish while {self.phase}")
+        if model in self.publishes:
+            job = self.publishes[model]
+            raise errors.Busy(f"a publish of {model!r} (v{job.version}) is already {job.phase}; "
+                              "wait for it to finish")
+        if not path.is_file():
+            raise errors.PublishFailed(f"{path}: no such file (the path is read by the daemon)")
+        committed = self.manifest.committed(model)
+        version = state.next_version(committed[0] if committed else 0)
+        job = PublishJob(model, version, path, registry.segment_name(self.instance, model, version),
+                         self.manifest.version_file(model, version), peer, request.id,
+                         deadline=time.monotonic() + self.cfg.boot_timeout)
+        self.publishes[model] = job
+        extra = ["--served-segment", state.segment.name, "--persist-to", str(job.file)]
+        if raw.get("allow_signature_change"):
+            extra.append("--allow-signature-change")
+        self.start_build(model, path, version, extra, job)
+
+    def start_prepare(self, job: PublishJob, size: int) -> None:
+        job.phase, job.built_at, job.size = "preparing", time.monotonic(), size
+        for w in self.workers.values():
+            if w.state == "ready":
+                self.ask_prepare(job, w)
+            elif w.state == "booting":
+                job.waiting[w.pid] = 0  # asked once it reports ready
+        self.maybe_commit(job)
+
+    def ask_prepare(self, job: PublishJob, w: WorkerHandle) -> None:
+        rid = self.next_control_id
+        self.next_control_id += 1
+        self.prepare_ids[rid] = (job.model, w.pid)
+        job.waiting[w.pid] = rid
+        w.peer.send({"op": "prepare", "id": rid, "model": job.model, "version": job.version,
+                     "segment": job.segment})
+
+    def on_prepared(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
+        model, pid = self.prepare_ids.pop(msg["id"])
+        job = self.publishes.get(model)
+        if job is None or job.waiting.get(pid) != msg["id"]:
+            return  # a stale answer to an abandoned publish
+        del job.waiting[pid]
+        if not msg.get("ok"):
+            error = msg.get("error") or {}
+            self.fail_publish(job, f"worker {pid} could not prepare v{job.version}: "
+                                   f"{error.get('message', 'unknown error')}")
+            return
+        job.prepared.add(pid)
+        self.maybe_commit(job)
+
+    def maybe_commit(self, job: PublishJob) -> None:
+        """Flip once every live worker has the new version warm (none waiting, none missing)."""
+        live = {w.pid for w in self.workers.values() if w.state in ("booting", "ready")}
+        if job.phase != "preparing" or job.waiting or not live <= job.prepared:
+            return
+        state = self.models[job.model]
+        previous = state.current
+        state.current = job.version
+        self.manifest.commit(state)  # durable first: a crash after the flip must not lose it
+        assert self.table is not None
+        self.table.flip(state.slot, job.version)
+        flipped = time.monotonic()
+        job.phase = "committed"
+        del self.publishes[job.model]
+        timings = job.timings(flipped)
+        log.info("published %s v%d (was v%d): write %.2fs, prepare %.2fs, total %.2fs",
+                 job.model, job.version, previous, timings["write"], timings["prepare"],
+                 timings["total"])
+        job.peer.send(protocol.ok_result(job.request_id, model=job.model, version=job.version,
+                                         previous=previous, timings=timings))
+        self.drop_surplus_versions(state)
+
+    def fail_publish(self, job: PublishJob, why: str) -> None:
+        """Nothing flips; the new version is forgotten everywhere and its segment unlinked."""
+        if self.publishes.get(job.model) is not job:
+            return
+        del self.publishes[job.model]
+        job.phase, job.error = "failed", why
+        log.error("publish of %s v%d failed: %s", job.model, job.version, why)
+        build = self.builds.pop(f"publish:{job.model}", None)
+        if build is not None:
+            build.proc.kill()
+            build.proc.wait()
+            if build.proc.stdout:
+                build.proc.stdout.close()
+        for w in self.workers.values():
+            w.peer.send({"op": "drop", "model": job.model, "version": job.version})
+        version = self.models[job.model].versions.pop(job.version, None)
+        if version is not None:
+            version.segment.unlink()
+        registry.remove(job.segment)
+        if job.file not in self.manifest.referenced_files():
+            job.file.unlink(missing_ok=True)
+        job.peer.send(protocol.error_reply(job.request_id, errors.PublishFailed(
+            f"{job.model} v{job.version} was not published (v{self.models[job.model].current} "
+            f"still serves): {why}")))
+
+    def expire_publishes(self) -> None:
+        now = time.monotonic()
+        for job in list(self.publishes.values()):
+            if now > job.deadline:
+                self.fail_publish(job, f"not prepared on every worker within "
+                                       f"{self.cfg.boot_timeout:.0f}s")
+
+    def drop_surplus_versions(self, state: ModelState) -> None:
+        """Unlink versions neither current nor kept; memory returns when workers unmap them."""
+        for number in state.surplus(self.cfg.keep):
+            version = state.versions.pop(number)
+            for w in self.workers.values():
+                w.peer.send({"op": "drop", "model": state.name, "version": number})
+            version.segment.unlink()
+            if version.file not in self.manifest.referenced_files() and \
+                    version.file.is_relative_to(self.manifest.dir):
+                version.file.unlink(missing_ok=True)
+            log.info("dropped %s v%d (segment %s unlinked)", state.name, number,
+                     version.segment.name)
+        self.manifest.commit(state)
+
+    def rollback(self, request: protocol.Request) -> dict[str, Any]:
+        model = str(request.raw.get("model") or "")
+        state = self.models.get(model)
+        if state is None or not state.current:
+            raise errors.UnknownModel(f"no model {model!r}")
+        if model in self.publishes:
+            raise errors.Busy(f"a publish of {model!r} is in progress")
+        to = request.raw.get("to")
+        target = state.rollback_target(int(to) if isinstance(to, int) else None)
+        if target is None:
+            kept = sorted(v for v in state.versions if v != state.current)
+            raise errors.NotFound(
+                f"{model}: no kept version {'to roll back to' if to is None else to} "
+                f"(current v{state.current}, kept: {kept or 'none'})")
+        previous = state.current
+        state.current = target
+        self.manifest.commit(state)
+        assert self.table is not None
+        self.table.flip(state.slot, target)
+        log.info("rolled %s back from v%d to v%d", model, previous, target)
+        return protocol.ok_result(request.id, model=model, version=target, previous=previous)
+
+    def update_metrics(self) -> None:
+        self.metrics.set_supervisor(
+            ready=self.ready, restarts=self.restarts,
+            workers=dict(Counter(w.state for w in self.workers.values())),
+            segments=[(m.name, v.number, v.segment.size) for m in self.models.values()
+                      for v in m.versions.values()])
+        if self.http is not None:
+            self.http.expire()
 
     # --- stopping -----------------------------------------------------------------------------
 
@@ -698,6 +981,8 @@ class Arbiter:
             self.listener.close()  # workers hold their own copies until they stop accepting
             self.listener = None
         self.cfg.socket.unlink(missing_ok=True)  # new clients fail fast instead of queueing
+        for job in list(self.publishes.values()):
+            self.fail_publish(job, "the daemon is stopping")
         for build in self.builds.values():
             build.proc.kill()
         seconds = self.cfg.graceful_timeout if graceful else FAST_STOP_SECONDS
@@ -733,8 +1018,15 @@ class Arbiter:
             build.proc.kill()
             build.proc.wait()
             registry.remove(build.segment)
+        for lock in self.locks:
+            lock.unlock()
         for m in self.models.values():
-            m.segment.unlink()
+            for v in m.versions.values():
+                v.segment.unlink()
+        if self.table is not None:
+            self.table.unlink()
+        if self.http is not None:
+            self.http.close()
         if self.listener is not None:
             self.listener.close()
             self.cfg.socket.unlink(missing_ok=True)

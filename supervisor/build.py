@@ -6,6 +6,10 @@ state when it forks workers. So it runs ``python -m supervisor.build`` per model
 writes the segment with the supervisor recorded as its owner (name and header), prints one JSON
 line describing the result, and exits. On failure the supervisor unlinks the name it asked for.
 
+With ``--candidate`` it builds a *published* version: the file (ONNX, .npz or safetensors) is
+checked against the served version's segment (``shmcache.candidate``), and a durable copy of the
+complete new weights is written to ``--persist-to`` (for restarts) before the segment.
+
 Output, one line on stdout: {"ok": true, "segment": NAME, "size": BYTES, "version": V}
                         or  {"ok": false, "error": "ModelError", "message": "..."}
 """
@@ -14,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
+import onnx
+
 from shmcache.errors import ShmcacheError
 from shmcache.model import build_model_segment, load_model
+from shmcache.segment import Segment
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,12 +42,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--owner-pid", type=int, required=True)
     p.add_argument("--mode", type=lambda s: int(s, 8), default=0o600)
     p.add_argument("--gid", type=int, default=None)
+    p.add_argument("--served-segment", default=None, help="publish: the current version")
+    p.add_argument("--allow-signature-change", action="store_true")
+    p.add_argument("--persist-to", type=Path, default=None,
+                   help="publish: write the complete new weights here (atomically)")
     return p.parse_args(argv)
 
 
+def load(args: argparse.Namespace) -> onnx.ModelProto:
+    if args.served_segment is None:
+        return load_model(args.model_path)
+    from shmcache.candidate import load_candidate
+
+    served = Segment.attach(args.served_segment)
+    try:
+        return load_candidate(args.model_path, served.graph_bytes(), served.tensor,
+                              allow_signature_change=args.allow_signature_change)
+    finally:
+        served.close()
+
+
+def persist(model: onnx.ModelProto, source: Path, dest: Path) -> None:
+    """Keep the complete weights of a published version, so a restart can rebuild it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    embedded = source.suffix == ".onnx" and source.stat().st_size >= model.ByteSize()
+    if embedded:
+        shutil.copyfile(source, tmp)  # cheaper than serializing again
+    else:
+        onnx.save(model, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+
+
 def build(args: argparse.Namespace) -> dict[str, object]:
+    model = load(args)
+    if args.persist_to is not None:
+        persist(model, args.model_path, args.persist_to)
     owned = build_model_segment(
-        load_model(args.model_path), name=args.segment, model_name=args.model_name,
+        model, name=args.segment, model_name=args.model_name,
         version=args.version, mode=args.mode, gid=args.gid, creator_pid=args.owner_pid)
     return {"ok": True, "segment": owned.name, "size": owned.size, "version": args.version}
 

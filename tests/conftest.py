@@ -22,8 +22,23 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _before.update(ours_in_shm())
 
 
+def leaked_by_this_run(names: set[str]) -> list[str]:
+    """New objects whose creator is this process or dead: a daemon another run (or a person)
+    started meanwhile is alive and not ours to judge or remove."""
+    from shmcache import registry
+
+    leaked = []
+    for name in sorted(names):
+        item = registry.describe(name)
+        if item is None:
+            continue
+        if item.orphan or item.pid == os.getpid() or item.pid is None:
+            leaked.append(name)
+    return leaked
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    leaked = sorted(ours_in_shm() - _before)
+    leaked = leaked_by_this_run(ours_in_shm() - _before)
     if leaked:
         for name in leaked:  # remove them so one leak does not poison the next run
             try:

@@ -105,6 +105,7 @@ class ModelRuntime:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     served: int = 0
+    warmed: bool = False
     _input_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _output_names: set[str] = field(default_factory=set, repr=False)
 
@@ -168,6 +169,7 @@ class ModelRuntime:
     def warm_up(self) -> None:
         """One inference on inputs synthesised from the signature (dynamic dims set to 1)."""
         self.session.run(None, synthesize_inputs(self.inputs))
+        self.warmed = True
 
     def close(self) -> None:
         del self.session

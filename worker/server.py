@@ -12,6 +12,13 @@ Control channel (same framing as the client protocol, ``shmcache.protocol``)::
                            {"op": "beat", "served", "inflight"}   every HEARTBEAT seconds
                            {"op": "reply", "id", "ok", ...}       answer to a request below
     supervisor -> worker   {"op": "stats", "id"}
+                           {"op": "prepare", "id", "model", "version", "segment"}
+                               map the segment, create and warm a session, reply; the
+                               version is served once the supervisor flips the table
+                           {"op": "drop", "model", "version"}   forget a version
+
+Which version serves a request is read from the shared version table (``shmcache.state``) at
+dispatch, so a flip reaches every worker at the same instant.
 
 Shutdown (SIGTERM): stop accepting; stop reading from each connection; answer every request
 already read; close each connection once it has nothing in flight; exit when all are closed or
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shmcache import errors, protocol
+from shmcache.state import VersionTable
 from worker.runtime import ModelRuntime, SessionSettings
 
 log = logging.getLogger("shmcache.worker")
@@ -48,7 +56,9 @@ PR_SET_PDEATHSIG = 1
 class WorkerConfig:
     """Everything a worker needs, built once by the supervisor and inherited through fork."""
 
-    models: dict[str, str]  # model name -> segment name
+    models: dict[str, list[str]]  # model name -> segment names of every loaded version
+    version_table: str | None = None  # shared table of current versions; None: newest loaded
+    slots: dict[str, int] = field(default_factory=dict)  # model name -> slot in the table
     settings: SessionSettings = field(default_factory=SessionSettings)
     max_inflight: int = 64
     concurrency: int = 1  # sessions run at once; each already uses intra_op_threads
@@ -71,7 +81,8 @@ class Worker:
         self.config = config
         self.listener = listener
         self.control_sock = control
-        self.runtimes: dict[str, ModelRuntime] = {}
+        self.runtimes: dict[str, dict[int, ModelRuntime]] = {m: {} for m in config.models}
+        self.table = VersionTable.attach(config.version_table) if config.version_table else None
         self.inflight = 0
         self.served = 0
         self.started = time.monotonic()
@@ -91,15 +102,19 @@ class Worker:
         async def open_one(model: str, segment: str) -> None:
             async with gate:
                 runtime = await loop.run_in_executor(None, self._open_and_warm, segment)
-            self.runtimes[model] = runtime
+            self.runtimes[model][runtime.version] = runtime
 
-        await asyncio.gather(*(open_one(m, s) for m, s in self.config.models.items()))
+        await asyncio.gather(*(open_one(m, s) for m, segs in self.config.models.items()
+                               for s in segs))
 
-    def _open_and_warm(self, segment: str) -> ModelRuntime:
+    def _open_and_warm(self, segment: str, strict: bool = False) -> ModelRuntime:
         runtime = ModelRuntime.open(segment, self.config.settings)
         try:
             runtime.warm_up()
-        except Exception as exc:  # a model may need real data; it still serves
+        except Exception as exc:
+            if strict:
+                raise
+            # Some models need real data (e.g. indices in range); they still serve.
             log.warning("warm-up of %s failed on synthesized inputs: %s", runtime.model, exc)
         return runtime
 
@@ -118,8 +133,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, os._exit, WORKER_OK)
         self.server = await loop.create_unix_server(
             lambda: ClientConnection(self), sock=self.listener, start_serving=True)
-        self.control.send({"op": "ready", "pid": os.getpid(),
-                           "models": {m: r.version for m, r in self.runtimes.items()}})
+        self.control.send({"op": "ready", "pid": os.getpid(), "models": self.current_versions()})
         beat = asyncio.ensure_future(self._heartbeat())
         await self.stopping.wait()
         beat.cancel()
@@ -158,7 +172,7 @@ class Worker:
             if request.op == "ping":
                 conn.send(protocol.ok_ping(request.id, True, pid=os.getpid(), **self.versions()))
             elif request.op == "models":
-                conn.send(protocol.ok_models(request.id, [r.signature() for r in self.runtimes.values()]))
+                conn.send(protocol.ok_models(request.id, [r.signature() for r in self.current_runtimes()]))
             else:
                 self.start_infer(conn, request)
         except errors.RemoteError as exc:
@@ -168,18 +182,36 @@ class Worker:
             conn.send(protocol.error_reply(request.id, exc))
 
     def versions(self) -> dict[str, Any]:
-        return {"versions": {m: r.version for m, r in self.runtimes.items()}}
+        return {"versions": self.current_versions()}
+
+    def current_version(self, model: str) -> int:
+        if self.table is not None and model in self.config.slots:
+            return self.table.current(self.config.slots[model])
+        return max(self.runtimes[model], default=0)
+
+    def current_versions(self) -> dict[str, int]:
+        return {m: self.current_version(m) for m in self.runtimes}
 
     def runtime_for(self, request: protocol.Request) -> ModelRuntime:
-        runtime = self.runtimes.get(request.model or "")
-        if runtime is None:
+        """The runtime a request uses: its pinned version, else the table's current one."""
+        model = request.model or ""
+        versions = self.runtimes.get(model)
+        if versions is None:
             raise errors.UnknownModel(
-                f"no model {request.model!r}; serving: {', '.join(sorted(self.runtimes))}")
-        if request.version is not None and request.version != runtime.version:
-            raise errors.NotFound(
-                f"model {runtime.model!r} version {request.version} is not available "
-                f"(serving version {runtime.version})")
+                f"no model {model!r}; serving: {', '.join(sorted(self.runtimes))}")
+        wanted = request.version if request.version is not None else self.current_version(model)
+        runtime = versions.get(wanted)
+        if runtime is None:
+            if request.version is not None:
+                raise errors.NotFound(
+                    f"model {model!r} version {request.version} is not available "
+                    f"(loaded: {', '.join(map(str, sorted(versions)))})")
+            raise errors.NotReady(f"model {model!r} version {wanted} is not loaded here yet")
         return runtime
+
+    def current_runtimes(self) -> list[ModelRuntime]:
+        return [v[self.current_version(m)] for m, v in self.runtimes.items()
+                if self.current_version(m) in v]
 
     def start_infer(self, conn: ClientConnection, request: protocol.Request) -> None:
         runtime = self.runtime_for(request)
@@ -216,9 +248,29 @@ class Worker:
             "served": self.served,
             "inflight": self.inflight,
             "connections": len(self.connections),
-            "models": {m: {"version": r.version, "served": r.served, "segment": r.segment.name}
-                       for m, r in self.runtimes.items()},
+            "models": {m: {"version": self.current_version(m), "loaded": sorted(v),
+                           "served": sum(r.served for r in v.values())}
+                       for m, v in self.runtimes.items()},
         }
+
+    async def prepare(self, model: str, version: int, segment: str) -> None:
+        """Map and warm a new version off the loop; it serves once the table is flipped."""
+        if model not in self.runtimes:
+            raise errors.UnknownModel(f"no model {model!r}")
+        loop = asyncio.get_running_loop()
+        # Strict when the served version warms up: a new version that cannot is a regression.
+        strict = any(r.warmed for r in self.runtimes[model].values())
+        runtime = await loop.run_in_executor(None, self._open_and_warm, segment, strict)
+        if runtime.version != version or runtime.model != model:
+            raise errors.PublishFailed(
+                f"segment {segment!r} holds {runtime.model} v{runtime.version}, "
+                f"expected {model} v{version}")
+        self.runtimes[model][version] = runtime
+
+    def drop(self, model: str, version: int) -> None:
+        """Forget a version; requests still running on it keep their reference until done."""
+        if version != self.current_version(model):
+            self.runtimes.get(model, {}).pop(version, None)
 
 
 class FramedConnection(asyncio.Protocol):
@@ -306,9 +358,25 @@ class ControlConnection(FramedConnection):
         op, rid = msg.get("op"), msg.get("id")
         if op == "stats":
             self.send({"op": "reply", "id": rid, "ok": True, **self.worker.stats()})
+        elif op == "prepare":
+            asyncio.ensure_future(self.answer_prepare(rid, msg))
+        elif op == "drop":
+            self.worker.drop(str(msg.get("model")), int(msg.get("version", -1)))
         else:
-            self.send({"op": "reply", "id": rid, "ok": False,
-                       "error": {"code": "unsupported_op", "message": f"unknown op {op!r}"}})
+            self.reply_error(rid, errors.UnsupportedOp(f"unknown control op {op!r}"))
+
+    async def answer_prepare(self, rid: object, msg: dict[str, Any]) -> None:
+        try:
+            await self.worker.prepare(str(msg["model"]), int(msg["version"]), str(msg["segment"]))
+        except Exception as exc:  # any failure vetoes the publish; the worker keeps serving
+            self.reply_error(rid, exc)
+            return
+        self.send({"op": "reply", "id": rid, "ok": True, "prepared": msg["version"]})
+
+    def reply_error(self, rid: object, exc: BaseException) -> None:
+        code = exc.code if isinstance(exc, errors.RemoteError) else "internal"
+        self.send({"op": "reply", "id": rid, "ok": False,
+                   "error": {"code": code, "message": f"{type(exc).__name__}: {exc}"}})
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The supervisor is gone (or closed our channel): nobody coordinates us any more.

@@ -38,7 +38,8 @@ class Daemon:
         self.socket = tmp / "d.sock"
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "shmcache.cli", "serve", "--socket", str(self.socket),
-               "--workers", str(workers), "--log-level", "debug"]
+               "--workers", str(workers), "--log-level", "debug",
+               "--state-dir", str(tmp / "state")]
         for name, path in (models or {}).items():
             cmd += ["--model", f"{name}={path}"]
         cmd += extra or []

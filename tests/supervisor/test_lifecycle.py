@@ -176,7 +176,8 @@ def test_sigkilled_supervisor_takes_workers_along_and_next_start_sweeps(
     d = Daemon(tmp_path, model_paths, workers=2).wait_ready()
     workers = d.worker_pids()
     segments = d.segments()
-    assert len(segments) == 2
+    weights = sorted(s for s in segments if "._state." not in s)
+    assert len(weights) == 2 and len(segments) == 3
     try:
         d.signal(signal.SIGKILL)
         d.wait_exit(10)
@@ -184,10 +185,21 @@ def test_sigkilled_supervisor_takes_workers_along_and_next_start_sweeps(
         wait_until(lambda: not any(running(p) for p in workers), 5, "workers gone")
         assert time.monotonic() - start < 1.0
         assert all((Path("/dev/shm") / s).exists() for s in segments)  # orphans, for now
+        # Damage one weight segment: the restart must rebuild it, and re-attach the intact one.
+        damaged, intact = weights
+        with open(Path("/dev/shm") / damaged, "r+b") as f:
+            f.seek(-100, os.SEEK_END)
+            f.write(b"garbage")
         d2 = Daemon(tmp_path, model_paths, workers=1).wait_ready()
         try:
-            assert not any((Path("/dev/shm") / s).exists() for s in segments)
-            assert "swept orphaned segment" in d2.log_text()
+            log = d2.log_text()
+            assert f"re-attached intact segment {intact}" in log
+            assert f"swept orphaned segment {damaged}" in log
+            assert not (Path("/dev/shm") / damaged).exists()
+            left = [s for s in segments if (Path("/dev/shm") / s).exists()]
+            assert left == [intact]  # the old version table was swept too
+            with shmcache.Client(str(d2.socket)) as c:
+                assert c.run("mlp", None, {"x": np.zeros((1, 64), np.float32)})[0].shape == (1, 32)
         finally:
             assert d2.stop() == 0
         assert d2.segments() == []

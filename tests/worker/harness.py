@@ -68,7 +68,7 @@ def running_worker(tmp_path: Path, models: dict[str, Path], *, settings: dict | 
     listener.bind(str(sock_path))
     listener.listen(128)
     ours, theirs = socket.socketpair()
-    spec = {"models": {o.name.split(".")[3]: o.name for o in owned},
+    spec = {"models": {o.name.split(".")[3]: [o.name] for o in owned},
             "settings": settings or {}, "listen_fd": listener.fileno(),
             "control_fd": theirs.fileno(), "supervisor_pid": os.getpid(), **config}
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, json.dumps(spec)],

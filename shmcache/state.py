@@ -1,0 +1,112 @@
+"""The version table: which weight version of each model is current, shared by every worker.
+
+This is where the atomic swap happens. The supervisor owns one small shared-memory object per
+daemon; every worker maps it read-only and reads its model's slot each time it dispatches a
+request. A publish flips a model to a new version with one aligned 8-byte store, so every
+request dispatched after the flip, in any worker, uses the new version, and a request already
+running finishes on the version it started with.
+
+Layout (little-endian)::
+
+    0      8s   magic b"SHMSTATE"
+    8      u32  layout version (1)
+    12     u32  slot count
+    16     48s  reserved
+    64     slots, SLOT_SIZE (64) bytes each, one per model, in configuration order:
+             0   u64  current version      <- the flip: a single aligned 8-byte store
+             8   u64  flips so far
+             16  48s  model name, UTF-8, NUL padded
+
+A slot's 8-byte words are naturally aligned inside a page-aligned mapping; x86-64 and aarch64
+make such stores and loads single-copy atomic, so a reader sees the old or the new version,
+never a torn one.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import numpy as np
+import posix_ipc
+
+from shmcache.errors import SegmentCorrupt, SegmentError
+
+MAGIC = b"SHMSTATE"
+LAYOUT = 1
+HEADER = struct.Struct("<8sII48s")
+SLOT_SIZE = 64
+SLOTS_AT = 64
+MAX_NAME = 48
+
+
+class VersionTable:
+    """A view of the table; ``writable`` only in the supervisor that created it."""
+
+    def __init__(self, name: str, mem: mmap.mmap, writable: bool) -> None:
+        self.name = name
+        self._mem = mem
+        magic, layout, count, _ = HEADER.unpack_from(mem, 0)
+        if magic != MAGIC or layout != LAYOUT or SLOTS_AT + count * SLOT_SIZE > len(mem):
+            raise SegmentCorrupt(f"{name!r} is not a shmcache version table")
+        self.count = count
+        words = np.frombuffer(mem, np.uint64, count * SLOT_SIZE // 8, SLOTS_AT)
+        self._slots = words.reshape(count, SLOT_SIZE // 8)
+        self.writable = writable
+        self.index = {self._name_of(i): i for i in range(count)}
+
+    @classmethod
+    def create(cls, name: str, models: list[str], mode: int = 0o600,
+               gid: int | None = None) -> VersionTable:
+        size = max(mmap.PAGESIZE, SLOTS_AT + SLOT_SIZE * len(models))
+        try:
+            shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=size)
+        except posix_ipc.ExistentialError as exc:
+            raise SegmentError(f"version table {name!r} already exists") from exc
+        try:
+            os.fchmod(shm.fd, mode)
+            if gid is not None:
+                os.fchown(shm.fd, -1, gid)
+            mem = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        HEADER.pack_into(mem, 0, MAGIC, LAYOUT, len(models), b"")
+        for i, model in enumerate(models):
+            raw = model.encode("utf-8")[:MAX_NAME]
+            mem[SLOTS_AT + i * SLOT_SIZE + 16 : SLOTS_AT + i * SLOT_SIZE + 16 + len(raw)] = raw
+        return cls(name, mem, writable=True)
+
+    @classmethod
+    def attach(cls, name: str) -> VersionTable:
+        shm = posix_ipc.SharedMemory("/" + name, read_only=True)
+        try:
+            size = os.fstat(shm.fd).st_size
+            mem = mmap.mmap(shm.fd, size, prot=mmap.PROT_READ)
+        finally:
+            shm.close_fd()
+        return cls(name, mem, writable=False)
+
+    def _name_of(self, slot: int) -> str:
+        at = SLOTS_AT + slot * SLOT_SIZE + 16
+        return bytes(self._mem[at : at + MAX_NAME]).rstrip(b"\0").decode("utf-8", "replace")
+
+    def current(self, slot: int) -> int:
+        """The version requests of this model use now (one 8-byte load)."""
+        return int(self._slots[slot, 0])
+
+    def flips(self, slot: int) -> int:
+        return int(self._slots[slot, 1])
+
+    def flip(self, slot: int, version: int) -> None:
+        """Make ``version`` current for every worker at once (one aligned 8-byte store)."""
+        if not self.writable:
+            raise SegmentError("the version table is read-only in this process")
+        self._slots[slot, 0] = version
+        self._slots[slot, 1] += 1
+
+    def unlink(self) -> None:
+        try:
+            posix_ipc.unlink_shared_memory("/" + self.name)
+        except posix_ipc.ExistentialError:
+            pass

@@ -1,0 +1,58 @@
+"""One publish of a new weight version, as a small state machine the arbiter drives.
+
+    building --(builder ok)--> preparing --(every live worker prepared)--> committed
+        |                          |
+        +----(any failure)---------+----> failed: nothing flipped, new segment unlinked
+
+* building: ``python -m supervisor.build --candidate`` checks the file against the served
+  model (signature, weight names, dtypes, shapes, integrity), writes the new sealed segment and
+  a durable copy of the weights under the state directory.
+* preparing: every live worker maps the segment, creates and warms a session, and replies. A
+  worker that boots meanwhile is asked once it is ready; a worker that dies, an error, or the
+  deadline fails the publish.
+* commit: manifest first (durable), then one store into the version table (the flip), then the
+  reply. A request dispatched after the flip, in any worker, uses the new version.
+
+The publisher's connection is the publish's lifeline: if it closes before the flip (the CLI was
+killed), the publish is abandoned and the daemon keeps serving the old version.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supervisor.peers import Peer
+
+
+@dataclass
+class PublishJob:
+    model: str
+    version: int
+    candidate: Path
+    segment: str
+    file: Path  # durable copy of the new version's weights
+    peer: Peer
+    request_id: int
+    deadline: float
+    phase: str = "building"  # building -> preparing -> committed | failed
+    started: float = field(default_factory=time.monotonic)
+    built_at: float = 0.0
+    size: int = 0
+    waiting: dict[int, int] = field(default_factory=dict)  # worker pid -> control request id
+    prepared: set[int] = field(default_factory=set)
+    error: str = ""
+
+    def timings(self, flipped_at: float) -> dict[str, float]:
+        return {
+            "write": self.built_at - self.started,
+            "prepare": flipped_at - self.built_at,
+            "total": flipped_at - self.started,
+        }
+
+    def progress(self) -> dict[str, object]:
+        return {"model": self.model, "version": self.version, "phase": self.phase,
+                "elapsed": time.monotonic() - self.started, "size": self.size,
+                "prepared": len(self.prepared), "waiting": len(self.waiting),
+                "error": self.error}

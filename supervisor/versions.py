@@ -1,0 +1,136 @@
+"""What the daemon knows of each model's versions, and the manifest that makes them durable.
+
+A model has one current version and up to ``keep`` earlier ones (for rollback), each in its own
+sealed segment that every worker has loaded. The manifest in the state directory records, per
+model, the last *committed* version and the file holding its weights, so a restart — after a
+clean stop or a crash — serves that version rather than the file the daemon was first given.
+
+Manifest (``<state_dir>/manifest.json``, replaced atomically: write, fsync, rename, fsync dir)::
+
+    {"layout": 1,
+     "models": {"<model>": {"version": 7, "file": "models/<model>/v7.onnx",
+                            "kept": {"6": "models/<model>/v6.onnx"}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shmcache.segment import OwnedSegment
+
+MANIFEST = "manifest.json"
+LAYOUT = 1
+
+
+@dataclass
+class Version:
+    number: int
+    segment: OwnedSegment
+    file: Path  # the weights this version was built from (persisted copy once published)
+
+
+@dataclass
+class ModelState:
+    name: str
+    slot: int
+    path: Path  # as configured
+    current: int = 0
+    versions: dict[int, Version] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return self.current
+
+    @property
+    def segment(self) -> OwnedSegment:
+        return self.versions[self.current].segment
+
+    def next_version(self, floor: int = 0) -> int:
+        return max([floor, self.current, *self.versions]) + 1
+
+    def segments(self) -> list[str]:
+        """Every loaded version's segment, oldest first (what a new worker maps)."""
+        return [self.versions[v].segment.name for v in sorted(self.versions)]
+
+    def surplus(self, keep: int) -> list[int]:
+        """Versions that are neither current nor among the ``keep`` newest others."""
+        others = sorted((v for v in self.versions if v != self.current), reverse=True)
+        return others[keep:]
+
+    def rollback_target(self, to: int | None) -> int | None:
+        if to is not None:
+            return to if to in self.versions and to != self.current else None
+        older = [v for v in self.versions if v < self.current]
+        return max(older) if older else None
+
+
+class Manifest:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.path = state_dir / MANIFEST
+        self.data: dict[str, Any] = {"layout": LAYOUT, "models": {}}
+
+    def load(self) -> Manifest:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return self
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{self.path}: unreadable manifest ({exc})") from exc
+        if isinstance(data, dict) and data.get("layout") == LAYOUT and isinstance(data.get("models"), dict):
+            self.data = data
+        return self
+
+    def committed(self, model: str) -> tuple[int, Path] | None:
+        """The last committed (version, file) of ``model``, if its file still exists."""
+        entry = self.data["models"].get(model)
+        if not isinstance(entry, dict):
+            return None
+        file = self.dir / str(entry.get("file", ""))
+        if not isinstance(entry.get("version"), int) or not file.is_file():
+            return None
+        return entry["version"], file
+
+    def version_file(self, model: str, version: int) -> Path:
+        return self.dir / "models" / model / f"v{version}.onnx"
+
+    def commit(self, state: ModelState) -> None:
+        """Record ``state``'s current and kept versions, durably, before the flip is visible."""
+        def rel(path: Path) -> str:
+            try:
+                return str(path.relative_to(self.dir))
+            except ValueError:
+                return str(path)
+
+        self.data["models"][state.name] = {
+            "version": state.current,
+            "file": rel(state.versions[state.current].file),
+            "kept": {str(v): rel(state.versions[v].file) for v in state.versions if v != state.current},
+        }
+        self.write()
+
+    def write(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def referenced_files(self) -> set[Path]:
+        files = set()
+        for entry in self.data["models"].values():
+            if isinstance(entry, dict):
+                files.add(self.dir / str(entry.get("file", "")))
+                files.update(self.dir / str(f) for f in (entry.get("kept") or {}).values())
+        return files
