@@ -4,7 +4,7 @@
 
 Builds the model in a temp dir, pre-packs it with ``python -m worker.prepack``, writes segments
 ``/dev/shm/shmcache-exp-<pid>-*`` (4 KiB header of random bytes, entries in reverse order) and
-removes them at exit. Prints three tables: per-process USS/PSS growth for N concurrent worker
+removes them and the temp dir at exit. Prints three tables: per-process USS/PSS growth for N concurrent worker
 processes, interleaved p50 latency against the default in-process session, and what happens when
 the original tensors are left as holes. Results and their reading: benchmarks/NOTES-prepack.md.
 """
@@ -15,6 +15,7 @@ import argparse
 import json
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -257,6 +258,7 @@ def main() -> int:
     finally:
         for seg in segs.values():
             seg.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
