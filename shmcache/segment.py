@@ -176,6 +176,7 @@ class EntrySource:
     fill: Callable[[memoryview], None]
     kind: int = KIND_TENSOR
     parent: int = NO_PARENT
+    align: int = 0  # 0: the default rule (a page from PAGE_ALIGN_MIN bytes, else ALIGN)
 
 
 @dataclass
@@ -207,7 +208,7 @@ def plan_layout(sources: Sequence[EntrySource]) -> Plan:
             raise SegmentError(
                 f"tensor {source.name!r} has {len(source.shape)} dimensions; at most {MAX_DIMS}"
             )
-        cursor = _align(cursor, PAGE if source.length >= PAGE_ALIGN_MIN else ALIGN)
+        cursor = _align(cursor, source.align or (PAGE if source.length >= PAGE_ALIGN_MIN else ALIGN))
         entries.append(
             Entry(source.name, source.dtype, tuple(source.shape), cursor, source.length,
                   source.kind, source.parent)

@@ -387,6 +387,9 @@ class Arbiter:
                "--owner-pid", str(os.getpid()), "--mode", "640" if gid is not None else "600"]
         if gid is not None:
             cmd += ["--gid", str(gid)]
+        if self.cfg.prepack and self.cfg.optimization != "disabled":
+            cmd += ["--prepack-cache", str(self.cfg.state_dir / "cache"),
+                    "--opt-level", self.cfg.optimization]
         proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, text=True,
                                 env=child_env())
         build = Build(model, path, name, version, proc, job=job)
@@ -424,8 +427,14 @@ class Arbiter:
                 self.fail_startup(f"model {build.model!r} ({build.path}): {why}")
             return
         owned = OwnedSegment(build.segment, int(result["size"]))
-        log.info("model %r v%d in segment %s (%.1f MiB) after %.2fs", build.model, build.version,
-                 build.segment, owned.size / 2**20, time.monotonic() - build.started)
+        log.info("model %r v%d in segment %s (%.1f MiB, %s) after %.2fs", build.model,
+                 build.version, build.segment, owned.size / 2**20,
+                 "pre-packed" if result.get("prepacked") else "plain",
+                 time.monotonic() - build.started)
+        if result.get("fallback"):
+            log.warning("model %r v%d: pre-packing impossible, serving plain shared weights with "
+                        "pre-packing off (slower MatMul/Gemm): %s", build.model, build.version,
+                        result["fallback"])
         if not self.lock(owned):
             owned.unlink()
             return
@@ -831,7 +840,8 @@ class Arbiter:
                          self.manifest.version_file(model, version), peer, request.id,
                          deadline=time.monotonic() + self.cfg.boot_timeout)
         self.publishes[model] = job
-        extra = ["--served-segment", state.segment.name, "--persist-to", str(job.file)]
+        extra = ["--served-segment", state.segment.name, "--persist-to", str(job.file),
+                 "--served-file", str(state.versions[state.current].file)]
         if raw.get("allow_signature_change"):
             extra.append("--allow-signature-change")
         self.start_build(model, path, version, extra, job)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import onnx
 
-from shmcache.errors import ShmcacheError
+from shmcache.errors import SegmentError, ShmcacheError
 from shmcache.model import build_model_segment, load_model
-from shmcache.segment import Segment
+from shmcache.segment import OwnedSegment, Segment
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-signature-change", action="store_true")
     p.add_argument("--persist-to", type=Path, default=None,
                    help="publish: write the complete new weights here (atomically)")
+    p.add_argument("--served-file", type=Path, default=None,
+                   help="publish: the served version's own weights (for a pre-packed segment)")
+    p.add_argument("--prepack-cache", type=Path, default=None,
+                   help="pre-pack with ONNX Runtime into the segment, caching here")
+    p.add_argument("--opt-level", default="all", help="graph optimization level of the pre-pack")
     return p.parse_args(argv)
 
 
@@ -56,6 +61,12 @@ def load(args: argparse.Namespace) -> onnx.ModelProto:
 
     served = Segment.attach(args.served_segment)
     try:
+        if served.header.prepacked and args.served_file is not None:
+            # A pre-packed segment holds ORT's optimized graph, whose initializers are not the
+            # exporter's: weights by name apply to the served version's own model.
+            original = load_model(args.served_file)
+            return load_candidate(args.model_path, original.SerializeToString(), None,
+                                  allow_signature_change=args.allow_signature_change)
         return load_candidate(args.model_path, served.graph_bytes(), served.tensor,
                               allow_signature_change=args.allow_signature_change)
     finally:
@@ -78,12 +89,37 @@ def persist(model: onnx.ModelProto, source: Path, dest: Path) -> None:
 
 def build(args: argparse.Namespace) -> dict[str, object]:
     model = load(args)
+    source = args.model_path
     if args.persist_to is not None:
         persist(model, args.model_path, args.persist_to)
-    owned = build_model_segment(
-        model, name=args.segment, model_name=args.model_name,
-        version=args.version, mode=args.mode, gid=args.gid, creator_pid=args.owner_pid)
-    return {"ok": True, "segment": owned.name, "size": owned.size, "version": args.version}
+        source = args.persist_to
+    result: dict[str, object] = {"ok": True, "version": args.version}
+    owned = None
+    if args.prepack_cache is not None:
+        try:
+            owned = build_prepacked(args, source)
+            result["prepacked"] = True
+        except SegmentError:
+            raise  # no room, name taken: the plain segment would fail the same way
+        except Exception as exc:  # ORT could not pre-pack: serve the plain, shared weights
+            result["fallback"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    if owned is None:
+        owned = build_model_segment(
+            model, name=args.segment, model_name=args.model_name,
+            version=args.version, mode=args.mode, gid=args.gid, creator_pid=args.owner_pid)
+    result.update(segment=owned.name, size=owned.size)
+    return result
+
+
+def build_prepacked(args: argparse.Namespace, source: Path) -> OwnedSegment:
+    """ORT pre-packs once here, in a process that forks nothing afterwards (issue 5)."""
+    from shmcache.model import model_digest
+    from worker.prepack import cached_prepack, write_prepacked_segment
+
+    out = cached_prepack(source, args.prepack_cache, args.opt_level, model_digest(source))
+    return write_prepacked_segment(out, name=args.segment, model_name=args.model_name,
+                                   version=args.version, mode=args.mode, gid=args.gid,
+                                   creator_pid=args.owner_pid)
 
 
 def main(argv: list[str] | None = None) -> int:

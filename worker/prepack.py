@@ -41,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import platform
+import shutil
 import sys
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -51,6 +54,14 @@ from typing import Literal
 import onnx
 
 from shmcache.errors import ModelError
+from shmcache.segment import (
+    FLAG_PREPACKED,
+    KIND_BLOB,
+    EntrySource,
+    OwnedSegment,
+    Plan,
+    write_segment,
+)
 
 PAGE = 4096
 SMALL_ALIGN = 64
@@ -176,6 +187,7 @@ def run_prepack(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opt_level]
     so.intra_op_num_threads = 1
+    so.log_severity_level = 3  # the level-"all" warning is expected: the key names the CPU
     so.optimized_model_filepath = str(graph_path)
     # The data file name is relative to the optimized graph's folder.
     so.add_session_config_entry(
@@ -318,6 +330,82 @@ def relocate_external_data(
         if not any(kv.key == "offset" for kv in t.external_data):
             new = t.external_data.add()
             new.key, new.value = "offset", str(offsets[(t.name, "", 0)])
+
+
+# --- into a segment -----------------------------------------------------------------------------
+
+
+def segment_sources(graph: onnx.ModelProto, data_path: Path) -> tuple[list[ExternalEntry], list[EntrySource]]:
+    """One segment entry per external range: tensors (typed) first, then their blobs.
+
+    Each ``fill`` reads its bytes from the pre-pack's data file straight into the segment.
+    """
+    entries = read_external_entries(graph)
+    tensors = {t.name: t for t in _external_tensors(graph)}
+    index = {e.tensor: i for i, e in enumerate(entries) if e.kind == "tensor"}
+
+    def reader(offset: int, length: int) -> Callable[[memoryview], None]:
+        def fill(dest: memoryview) -> None:
+            with data_path.open("rb") as f:
+                f.seek(offset)
+                if f.readinto(dest) != length:
+                    raise ModelError(f"{data_path}: truncated pre-pack data")
+        return fill
+
+    sources = []
+    for e in entries:
+        if e.kind == "tensor":
+            t = tensors[e.tensor]
+            sources.append(EntrySource(e.tensor, t.data_type, tuple(int(d) for d in t.dims),
+                                       e.length, reader(e.offset, e.length), align=e.alignment))
+        else:
+            sources.append(EntrySource(f"{e.tensor}|{e.key}|{e.index}", 0, (), e.length,
+                                       reader(e.offset, e.length), kind=KIND_BLOB,
+                                       parent=index[e.tensor], align=e.alignment))
+    return entries, sources
+
+
+def write_prepacked_segment(
+    out: PrepackOutput, *, name: str, model_name: str, version: int, mode: int = 0o600,
+    gid: int | None = None, creator_pid: int | None = None,
+) -> OwnedSegment:
+    """A segment holding the optimized graph, the original weights and their pre-packed blobs,
+    with every external reference relocated into the segment file itself."""
+    graph = onnx.load(str(out.graph_path), load_external_data=False)
+    entries, sources = segment_sources(graph, out.data_path)
+
+    def graph_for(plan: Plan) -> bytes:
+        offsets = {e.id: placed.offset for e, placed in zip(entries, plan.entries)}
+        relocate_external_data(graph, name, offsets)
+        return graph.SerializeToString()
+
+    return write_segment(name, model_name, version, sources, graph_for, flags=FLAG_PREPACKED,
+                         key=bytes.fromhex(out.key)[:32], mode=mode, gid=gid,
+                         creator_pid=creator_pid)
+
+
+def cached_prepack(model_path: Path, cache_root: Path, opt_level: str, model_digest: str) -> PrepackOutput:
+    """The pre-pack for this model, ORT, CPU and level: from the cache, else made and cached.
+
+    Made in a temporary folder and renamed into place, so a crash never leaves a half cache.
+    """
+    key = prepack_key(model_digest, opt_level)
+    final = cache_root / key
+    graph, data = final / "model.opt.onnx", final / "model.opt.data"
+    if graph.is_file() and data.is_file():
+        return PrepackOutput(graph, data, key)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=cache_root))
+    try:
+        run_prepack(model_path, tmp, opt_level, model_digest)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another builder won the race: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PrepackOutput(graph, data, key)
 
 
 # --- CLI: python -m worker.prepack MODEL OUT_DIR --opt-level extended ---------------------------
