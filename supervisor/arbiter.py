@@ -835,7 +835,7 @@ class Arbiter:
         if not path.is_file():
             raise errors.PublishFailed(f"{path}: no such file (the path is read by the daemon)")
         committed = self.manifest.committed(model)
-        version = state.next_version(committed[0] if committed else 0)
+        version = state.attempted = state.next_version(committed[0] if committed else 0)
         job = PublishJob(model, version, path, registry.segment_name(self.instance, model, version),
                          self.manifest.version_file(model, version), peer, request.id,
                          deadline=time.monotonic() + self.cfg.boot_timeout)

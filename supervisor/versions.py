@@ -40,6 +40,7 @@ class ModelState:
     path: Path  # as configured
     current: int = 0
     versions: dict[int, Version] = field(default_factory=dict)
+    attempted: int = 0  # highest version a publish started: numbers are never reused
 
     @property
     def version(self) -> int:
@@ -50,7 +51,7 @@ class ModelState:
         return self.versions[self.current].segment
 
     def next_version(self, floor: int = 0) -> int:
-        return max([floor, self.current, *self.versions]) + 1
+        return max([floor, self.current, self.attempted, *self.versions]) + 1
 
     def segments(self) -> list[str]:
         """Every loaded version's segment, oldest first (what a new worker maps)."""

@@ -258,6 +258,9 @@ class Worker:
         if model not in self.runtimes:
             raise errors.UnknownModel(f"no model {model!r}")
         loop = asyncio.get_running_loop()
+        delay = float(os.environ.get("SHMCACHE_FAULT_PREPARE_DELAY", "0"))
+        if delay:  # fault injection for tests: widen the window in which a prepare is running
+            await asyncio.sleep(delay)
         # Strict when the served version warms up: a new version that cannot is a regression.
         strict = any(r.warmed for r in self.runtimes[model].values())
         runtime = await loop.run_in_executor(None, self._open_and_warm, segment, strict)

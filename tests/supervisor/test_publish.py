@@ -1,0 +1,296 @@
+"""Publishing new weight versions into a running daemon, with real clients, files and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import shmcache
+from shmcache import errors
+from tests import models
+from tests.supervisor.daemon import ROOT, Daemon, wait_until
+from worker.runtime import SessionSettings
+
+SIZES = (64, 256, 32)
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> dict[str, Path]:
+    """Two weight sets of one graph (A, B), and files that must not go live."""
+    bad_sig = models.mlp((64, 256, 16), seed=3)  # output dim changed
+    unloadable = models.mlp(SIZES, seed=4)
+    unloadable.graph.node[0].op_type = "NoSuchOperator"  # parses; ORT refuses it
+    return {
+        "A": models.save(models.mlp(SIZES, seed=1), tmp_path / "a.onnx"),
+        "B": models.save(models.mlp(SIZES, seed=2), tmp_path / "b.onnx"),
+        "bad_sig": models.save(bad_sig, tmp_path / "bad_sig.onnx"),
+        "unloadable": models.save(unloadable, tmp_path / "unloadable.onnx"),
+    }
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, weights: dict[str, Path]) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2)
+    try:
+        yield d.wait_ready()
+    finally:
+        code = d.stop()
+        assert d.segments() == [], "segments left in /dev/shm"
+        assert code == 0, d.log_text()
+
+
+def reference(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), SessionSettings(intra_op_threads=1).options(
+        prepacked=True), providers=["CPUExecutionProvider"])
+
+
+def publish(d: Daemon, path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shmcache.cli", "publish", "m", str(path), "--socket",
+         str(d.socket), *extra], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def current_version(d: Daemon) -> int:
+    return next(m["version"] for m in d.status()["models"] if m["name"] == "m")
+
+
+def call(d: Daemon, x: np.ndarray, **kw: object) -> tuple[np.ndarray, int]:
+    with shmcache.Client(str(d.socket)) as c:
+        (y,), version = c.run_with_version("m", None, {"x": x}, **kw)  # type: ignore[arg-type]
+    return y, version
+
+
+def test_swaps_under_load_are_atomic_and_exact(daemon: Daemon, weights: dict[str, Path]) -> None:
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((4, 64)).astype(np.float32) for _ in range(6)]
+    expected = {name: [reference(weights[name]).run(None, {"x": x})[0].tobytes() for x in inputs]
+                for name in ("A", "B")}
+    published_at: dict[int, float] = {1: 0.0}  # version -> when its publish returned
+    records: list[tuple[float, int, int, bytes]] = []  # (sent, input index, version, output)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client_loop(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        with shmcache.Client(str(daemon.socket), timeout=60) as c:
+            while not stop.is_set():
+                i = int(local.integers(len(inputs)))
+                sent = time.monotonic()
+                try:
+                    (y,), v = c.run_with_version("m", None, {"x": inputs[i]})
+                except BaseException as exc:  # noqa: BLE001 - asserted below
+                    with lock:
+                        failures.append(exc)
+                    continue
+                with lock:
+                    records.append((sent, i, v, y.tobytes()))
+
+    threads = [threading.Thread(target=client_loop, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(20):
+            target = weights["B" if k % 2 == 0 else "A"]
+            done = publish(daemon, target)
+            assert done.returncode == 0, done.stderr
+            version = int(done.stdout.strip())
+            published_at[version] = time.monotonic()
+            assert version == k + 2
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert failures == []
+    assert len(records) > 100
+    versions_seen = {v for _, _, v, _ in records}
+    assert len(versions_seen) > 5
+    for sent, i, v, out in records:
+        weights_of_v = "A" if v % 2 == 1 else "B"
+        assert out == expected[weights_of_v][i], f"v{v} answered with other weights"
+        newest_returned = max(ver for ver, at in published_at.items() if at <= sent)
+        assert v >= newest_returned, f"call sent after v{newest_returned} went live got v{v}"
+    # keep=1: only the current and one previous version remain in shared memory.
+    assert len([s for s in daemon.segments() if ".m.v" in s]) == 2
+
+
+def test_signature_change_refused_unless_allowed(daemon: Daemon, weights: dict[str, Path]) -> None:
+    done = publish(daemon, weights["bad_sig"])
+    assert done.returncode == 1
+    assert "output 'y'" in done.stderr and "--allow-signature-change" in done.stderr
+    assert current_version(daemon) == 1
+    assert len([s for s in daemon.segments() if ".m.v" in s]) == 1
+    done = publish(daemon, weights["bad_sig"], "--allow-signature-change")
+    assert done.returncode == 0, done.stderr
+    y, version = call(daemon, np.ones((1, 64), np.float32))
+    assert version == 3 and y.shape == (1, 16)  # v2 was refused; numbers are never reused
+
+
+def test_version_that_fails_on_a_worker_never_goes_live(
+    daemon: Daemon, weights: dict[str, Path]
+) -> None:
+    x = np.ones((2, 64), np.float32)
+    before, _ = call(daemon, x)
+    done = publish(daemon, weights["unloadable"])
+    assert done.returncode == 1
+    assert "was not published" in done.stderr and "NoSuchOperator" in done.stderr
+    y, version = call(daemon, x)
+    assert version == 1 and y.tobytes() == before.tobytes()
+    assert len([s for s in daemon.segments() if ".m.v" in s]) == 1
+    assert publish(daemon, weights["B"]).returncode == 0  # and the next publish works
+    assert call(daemon, x)[1] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_weight_file_refused_before_workers_see_it(
+    daemon: Daemon, weights: dict[str, Path], tmp_path: Path, damage: str
+) -> None:
+    arrays = {t.name: numpy_helper.to_array(t) + 1 for t in models.mlp(SIZES, seed=5).graph.initializer}
+    path = tmp_path / "w.npz"
+    np.savez(path, **arrays)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    done = publish(daemon, path)
+    assert done.returncode == 1 and "corrupted or truncated" in done.stderr
+    assert "WeightsError" in done.stderr  # refused by the builder, before any prepare
+    assert current_version(daemon) == 1
+
+
+def test_weights_by_name_over_the_served_graph(daemon: Daemon, tmp_path: Path,
+                                               weights: dict[str, Path]) -> None:
+    new = models.mlp(SIZES, seed=6)
+    path = tmp_path / "w0.npz"
+    np.savez(path, w0=numpy_helper.to_array(new.graph.initializer[0]))  # only one tensor
+    done = publish(daemon, path)
+    assert done.returncode == 0, done.stderr
+    # Expected: model A with w0 replaced.
+    mixed = models.mlp(SIZES, seed=1)
+    mixed.graph.initializer[0].CopyFrom(new.graph.initializer[0])
+    ref = reference(models.save(mixed, tmp_path / "mixed.onnx"))
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    y, version = call(daemon, x)
+    assert version == 2 and y.tobytes() == ref.run(None, {"x": x})[0].tobytes()
+
+
+def test_concurrent_publish_is_refused_clearly(daemon: Daemon, weights: dict[str, Path]) -> None:
+    first = subprocess.Popen(
+        [sys.executable, "-m", "shmcache.cli", "publish", "m", str(weights["B"]), "--socket",
+         str(daemon.socket)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wait_until(lambda: daemon.control("publish_status", model="m")["phase"] != "idle"
+               or first.poll() is not None, 60, "first publish under way")
+    second = publish(daemon, weights["A"])
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    if "Busy" not in second.stderr:  # the first was already done: then the second ran after it
+        assert second.returncode == 0
+        pytest.skip("the first publish finished before the second was sent")
+    assert second.returncode == 1 and "already" in second.stderr
+
+
+def test_pinned_versions_and_rollback(daemon: Daemon, weights: dict[str, Path]) -> None:
+    x = np.ones((1, 64), np.float32)
+    a_out, _ = call(daemon, x)
+    assert publish(daemon, weights["B"]).returncode == 0
+    b_out, version = call(daemon, x)
+    assert version == 2 and b_out.tobytes() != a_out.tobytes()
+    pinned, version = call(daemon, x, version=1)
+    assert version == 1 and pinned.tobytes() == a_out.tobytes()
+    with pytest.raises(errors.NotFound):
+        call(daemon, x, version=7)
+    daemon.control("rollback", model="m")
+    y, version = call(daemon, x)
+    assert version == 1 and y.tobytes() == a_out.tobytes()
+    with pytest.raises(errors.NotFound):
+        daemon.control("rollback", model="m", to=5)
+
+
+def test_publishing_needs_the_control_socket(daemon: Daemon, weights: dict[str, Path]) -> None:
+    with shmcache.Client(str(daemon.socket)) as c:
+        with pytest.raises(errors.UnsupportedOp):
+            c.request("publish", model="m", path=str(weights["B"]))
+    assert current_version(daemon) == 1
+
+
+def test_committed_version_survives_clean_stop_and_crash(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    b_out = reference(weights["B"]).run(None, {"x": x})[0]
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1).wait_ready()
+    assert publish(d, weights["B"]).returncode == 0
+    assert d.stop() == 0
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1).wait_ready()  # clean restart
+    y, version = call(d, x)
+    assert version == 2 and y.tobytes() == b_out.tobytes()
+    d.signal(signal.SIGKILL)  # crash: the sealed segment stays behind
+    d.wait_exit(10)
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1).wait_ready()
+    try:
+        assert "re-attached intact segment" in d.log_text()
+        y, version = call(d, x)
+        assert version == 2 and y.tobytes() == b_out.tobytes()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_killed_publisher_leaves_the_old_version_serving(
+    daemon: Daemon, weights: dict[str, Path], tmp_path: Path
+) -> None:
+    big = models.save(models.mlp((64, 2048, 2048, 32), seed=9), tmp_path / "big.onnx")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmcache.cli", "publish", "m", str(big), "--socket",
+         str(daemon.socket), "--allow-signature-change"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    wait_until(lambda: daemon.control("publish_status", model="m")["phase"] == "building",
+               60, "publish building")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    wait_until(lambda: daemon.control("publish_status", model="m")["phase"] == "idle", 60,
+               "publish abandoned")
+    assert "publisher disconnected" in daemon.log_text()
+    assert current_version(daemon) == 1 and call(daemon, np.ones((1, 64), np.float32))[1] == 1
+    wait_until(lambda: len([s for s in daemon.segments() if ".m.v" in s]) == 1, 30,
+               "half-written segment gone")
+    assert publish(daemon, weights["B"]).returncode == 0
+
+
+def test_worker_killed_during_prepare_aborts_the_publish(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2,
+               env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shmcache.cli", "publish", "m", str(weights["B"]),
+             "--socket", str(d.socket)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: d.control("publish_status", model="m")["phase"] == "preparing",
+                   60, "preparing")
+        os.kill(d.worker_pids()[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "died while preparing" in err
+        wait_until(lambda: len(d.worker_pids()) == 2, 60, "worker replaced")
+        assert call(d, np.ones((1, 64), np.float32))[1] == 1
+        assert len([s for s in d.segments() if ".m.v" in s]) == 1
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
