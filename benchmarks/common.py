@@ -157,3 +157,102 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- added for memory.py, speed.py and swap.py ---------------------------------------------------
+
+def make_mlp_seeded(path: Path, mib: int = 256, seed: int = 7, batch_dim: str = "batch") -> Path:
+    """make_mlp with the weights drawn from ``seed`` (7 gives make_mlp's model): same graph and
+    signature, other weights — the second weight set of a publish."""
+    width = int(round((mib * 2**20 / 4 / 4) ** 0.5))
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(4):
+        w = (rng.random((width, width), dtype=np.float32) - 0.5) / np.float32(width**0.5)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch_dim, width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch_dim, width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def make_conv(path: Path, channels: Sequence[int] = (3, 64, 256, 512, 512), size: int = 32) -> Path:
+    """4 x (Conv 3x3 pad 1 + Relu), channels 3->64->256->512->512 on 1x3x32x32 (14.1 MiB of
+    weights): the Conv model of NOTES-prepack.md."""
+    rng = np.random.default_rng(3)
+    nodes, inits, x = [], [], "x"
+    for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
+        w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels[0], size, size])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, channels[-1], size, size])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+class ServeDaemon(Daemon):
+    """Daemon with ``--state-dir`` (always a temporary one in benchmarks: root's default is
+    /var/lib/shmcache) and extra ``serve`` flags such as ``--no-prepack`` or ``--keep 1``."""
+
+    def __init__(self, sock: Path, models: dict[str, Path], workers: int, state_dir: Path,
+                 threads: int | None = None, extra: Sequence[str] = (),
+                 log_path: Path | None = None) -> None:
+        self.sock = sock
+        self.ctl = f"{sock}.ctl"
+        self.log_path = log_path or sock.with_suffix(".log")
+        cmd = [sys.executable, "-m", "shmcache.cli", "serve", "--workers", str(workers),
+               "--socket", str(sock), "--state-dir", str(state_dir), *extra]
+        for name, path in models.items():
+            cmd += ["--model", f"{name}={path}"]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        self._log = open(self.log_path, "w")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.start_to_ready = None
+
+
+def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/") -> dict[str, int]:
+    """Bytes from /proc/PID/smaps: uss, pss, rss over all mappings, and seg_pss / seg_uss / seg_rss
+    over mappings of files under ``shm_prefix`` (the segments). Summed over every process, seg_pss
+    is the number of distinct segment pages mapped by anyone, so (pss - seg_pss) summed plus the
+    segment's allocated pages counts every page once."""
+    keys = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss"}
+    out = dict.fromkeys(("rss", "pss", "uss", "seg_rss", "seg_pss", "seg_uss"), 0)
+    in_seg = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if head.endswith(":") and head[:-1] in keys:
+                kind = keys[head[:-1]]
+                value = int(line.split()[1]) * 1024
+                out[kind] += value
+                if in_seg:
+                    out["seg_" + kind] += value
+            elif not head.endswith(":"):  # a mapping's header line: address perms offset dev inode path
+                parts = line.split(None, 5)
+                in_seg = len(parts) == 6 and parts[5].strip().startswith(shm_prefix)
+    return out
+
+
+def shm_pages(name: str) -> int:
+    """Allocated bytes of a /dev/shm file (holes excluded)."""
+    return os.stat(os.path.join("/dev/shm", name)).st_blocks * 512
