@@ -17,6 +17,7 @@ Two ways to run a segment:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ ORT_TYPES: dict[str, str] = {
 }
 
 Dim = int | str | None
+_NUMPY: dict[str, np.dtype] = {name: np.dtype(name) for name in ORT_TYPES.values()}
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class TensorSpec:
     name: str
     dtype: str  # numpy name, or ORT's type string when the wire cannot carry it
     shape: tuple[Dim, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype | None:
+        return _NUMPY.get(self.dtype)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -106,6 +112,7 @@ class ModelRuntime:
     outputs: list[TensorSpec]
     served: int = 0
     warmed: bool = False
+    typical_seconds: float = 1.0  # moving average of successful runs; decides inline runs
     _input_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _output_names: set[str] = field(default_factory=set, repr=False)
 
@@ -166,9 +173,16 @@ class ModelRuntime:
         self.served += 1
         return list(zip(names, results))
 
+    def observe(self, seconds: float) -> None:
+        self.typical_seconds += (seconds - self.typical_seconds) * 0.1
+
     def warm_up(self) -> None:
         """One inference on inputs synthesised from the signature (dynamic dims set to 1)."""
-        self.session.run(None, synthesize_inputs(self.inputs))
+        feed = synthesize_inputs(self.inputs)
+        self.session.run(None, feed)
+        started = time.perf_counter()
+        self.session.run(None, feed)  # the second run is the representative one
+        self.typical_seconds = time.perf_counter() - started
         self.warmed = True
 
     def close(self) -> None:
@@ -190,7 +204,7 @@ def spec_of(arg: Any) -> TensorSpec:
 
 
 def check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
-    if array.dtype.name != spec.dtype:
+    if array.dtype != spec.numpy_dtype:
         raise errors.BadDtype(
             f"input {spec.name!r} must be {spec.dtype}, got {array.dtype.name}")
     if len(array.shape) != len(spec.shape):

@@ -42,6 +42,7 @@ from typing import Any
 from shmcache import errors, protocol
 from shmcache.state import VersionTable
 from worker.runtime import ModelRuntime, SessionSettings
+from worker.stats import RequestStats
 
 log = logging.getLogger("shmcache.worker")
 
@@ -49,6 +50,7 @@ WORKER_OK = 0
 WORKER_BOOT_ERROR = 3
 WORKER_LOST_SUPERVISOR = 4
 HEARTBEAT = 1.0
+INLINE_BELOW = 0.0005  # seconds: models typically faster than this run on the loop thread
 PR_SET_PDEATHSIG = 1
 
 
@@ -88,6 +90,7 @@ class Worker:
         self.started = time.monotonic()
         self.connections: set[ClientConnection] = set()
         self.pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="infer")
+        self.request_stats = RequestStats()
         self.stopping = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
         self.control: ControlConnection | None = None
@@ -144,7 +147,8 @@ class Worker:
         while True:
             await asyncio.sleep(HEARTBEAT)
             if self.control is not None:
-                self.control.send({"op": "beat", "served": self.served, "inflight": self.inflight})
+                self.control.send({"op": "beat", "served": self.served, "inflight": self.inflight,
+                                   "requests": self.request_stats.snapshot()})
 
     async def drain(self) -> None:
         """Graceful stop: no new connections or requests; answer what was read; then close."""
@@ -176,6 +180,7 @@ class Worker:
             else:
                 self.start_infer(conn, request)
         except errors.RemoteError as exc:
+            self.request_stats.record(request.model or "", request.version or 0, exc.code, 0.0)
             conn.send(protocol.error_reply(request.id, exc))
         except Exception as exc:  # a bug must cost one request, never the worker
             log.exception("request %d failed", request.id)
@@ -222,17 +227,38 @@ class Worker:
                 f"(limit {self.config.max_inflight}); retry later")
         self.inflight += 1
         conn.inflight += 1
-        future = asyncio.get_running_loop().run_in_executor(
-            self.pool, runtime.run, request.inputs, request.outputs)
-        future.add_done_callback(lambda f: self.finish_infer(conn, request, runtime, f))
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        if self.run_inline(runtime):
+            future: asyncio.Future[Any] = loop.create_future()
+            try:
+                future.set_result(runtime.run(request.inputs, request.outputs))
+            except Exception as exc:
+                future.set_exception(exc)
+            self.finish_infer(conn, request, runtime, started, future)
+            return
+        future = loop.run_in_executor(self.pool, runtime.run, request.inputs, request.outputs)
+        future.add_done_callback(lambda f: self.finish_infer(conn, request, runtime, started, f))
+
+    def run_inline(self, runtime: ModelRuntime) -> bool:
+        """Run on the loop thread when the model is known to answer in well under a millisecond
+        and nothing else is running: two thread hand-offs cost 60-90 us a call on 2 cores
+        (benchmarks/latency.py), more than such a model computes, and a ping waits at most
+        INLINE_BELOW for the loop."""
+        return (self.config.concurrency == 1 and self.inflight == 1
+                and runtime.typical_seconds < INLINE_BELOW)
 
     def finish_infer(self, conn: ClientConnection, request: protocol.Request,
-                     runtime: ModelRuntime, future: asyncio.Future[Any]) -> None:
+                     runtime: ModelRuntime, started: float, future: asyncio.Future[Any]) -> None:
         self.inflight -= 1
         conn.inflight -= 1
         self.served += 1
         exc = future.exception()
+        elapsed = time.perf_counter() - started
+        self.request_stats.record(runtime.model, runtime.version,
+                          "ok" if exc is None else getattr(exc, "code", "internal"), elapsed)
         if exc is None:
+            runtime.observe(elapsed)
             reply = protocol.ok_infer(request.id, runtime.version, future.result())
         else:
             if not isinstance(exc, errors.RemoteError):
