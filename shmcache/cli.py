@@ -119,6 +119,7 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("graceful_timeout", float, "seconds a stopping worker gets to answer what it read (30)"),
     ("boot_timeout", float, "seconds a worker (or a publish) gets to load and warm up (600)"),
     ("max_boot_failures", int, "boot failures in a row that stop the daemon (5)"),
+    ("heartbeat_timeout", float, "seconds of worker silence before it is killed (30)"),
     ("state_dir", Path, "published versions and caches (/var/lib/shmcache for root)"),
     ("keep", int, "earlier versions kept loaded for rollback (1)"),
     ("group", str, "group owning the client socket and segments (modes 0660/0640)"),
