@@ -461,7 +461,9 @@ class _NpzWeights:
         self._f.close()
 
     def specs(self) -> dict[str, _Spec]:
-        members = self._npz.zip.infolist()
+        archive = self._npz.zip
+        assert archive is not None  # np.load of a zip always opens it
+        members = archive.infolist()
         if not members:
             raise WeightsError(f"{self.where} holds no arrays")
         for info in members:
@@ -482,7 +484,9 @@ class _NpzWeights:
         # numpy allocates the whole array from the header's shape before reading any data, and
         # it only reads to the member's end (where zipfile checks the CRC) if the header
         # describes the member exactly: check both here, before np.load reads anything.
-        with self._npz.zip.open(info) as fp:
+        archive = self._npz.zip
+        assert archive is not None
+        with archive.open(info) as fp:
             version = np.lib.format.read_magic(fp)
             if version == (1, 0):
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
@@ -679,4 +683,4 @@ def save_safetensors(
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for data in blobs:
-            f.write(memoryview(data.reshape(-1).view(np.uint8)))
+            f.write(data.reshape(-1).view(np.uint8).data)

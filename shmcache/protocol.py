@@ -315,7 +315,7 @@ def parse_request(msg: object, ops: frozenset[str] = DEFAULT_OPS) -> Request:
     """
     if not isinstance(msg, dict):
         raise errors.Malformed(f"request must be a map, got {type(msg).__name__}")
-    rid = msg.get("id")
+    rid: Any = msg.get("id")
     if not _is_int(rid) or not 0 <= rid <= MAX_ID:
         raise errors.Malformed(f"request id must be an int in 0..2**63-1, got {rid!r}")
     try:
