@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -704,24 +705,28 @@ class Arbiter:
             self.sel.register(peer, selectors.EVENT_READ, self.on_early_readable)
 
     def on_early_readable(self, peer: Peer) -> None:
+        for request in self.read_requests(peer, protocol.DEFAULT_OPS):
+            if request.op == "ping":
+                peer.send(protocol.ok_ping(request.id, False, pid=os.getpid(), phase=self.phase))
+            else:
+                peer.send(protocol.error_reply(request.id, errors.NotReady(
+                    f"shmcache is starting ({self.phase}); no worker is ready yet")))
+
+    def read_requests(self, peer: Peer, ops: frozenset[str]) -> Iterator[protocol.Request]:
+        """The well-formed requests now readable from ``peer``; bad ones are answered here and
+        a malformed frame (or a closed peer) drops the connection (STYLE.md: msgpack rule)."""
         messages = peer.read()
         if messages is None:
             self.drop_peer(peer)
             return
         for msg in messages:
             try:
-                request = protocol.parse_request(msg)
+                yield protocol.parse_request(msg, ops=ops)
             except errors.RemoteError as exc:
                 peer.send(protocol.error_reply(exc.request_id, exc))
                 if exc.request_id is None:
                     self.drop_peer(peer)
                     return
-                continue
-            if request.op == "ping":
-                peer.send(protocol.ok_ping(request.id, False, pid=os.getpid(), phase=self.phase))
-            else:
-                peer.send(protocol.error_reply(request.id, errors.NotReady(
-                    f"shmcache is starting ({self.phase}); no worker is ready yet")))
 
     # --- control socket -------------------------------------------------------------------------
 
@@ -740,25 +745,16 @@ class Arbiter:
         return peer
 
     def on_control_readable(self, peer: Peer) -> None:
-        messages = peer.read()
-        if messages is None:
-            self.drop_peer(peer)
-            return
-        for msg in messages:
+        for request in self.read_requests(peer, CONTROL_OPS):
             try:
-                request = protocol.parse_request(msg, ops=CONTROL_OPS)
                 if request.op == "status":
                     self.ask_status(peer, request.id)
-                    continue
-                if request.op == "publish":
+                elif request.op == "publish":
                     self.start_publish(peer, request)
-                    continue
-                peer.send(self.on_control_request(request))
+                else:
+                    peer.send(self.on_control_request(request))
             except errors.RemoteError as exc:
-                peer.send(protocol.error_reply(exc.request_id, exc))
-                if exc.request_id is None:
-                    self.drop_peer(peer)
-                    return
+                peer.send(protocol.error_reply(request.id, exc))
 
     def on_control_request(self, request: protocol.Request) -> dict[str, Any]:
         if request.op == "ping":

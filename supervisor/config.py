@@ -32,11 +32,11 @@ class ModelSpec:
         if not sep:
             path, name = text, Path(text).stem
         if not path:
-            raise ConfigError(f"--model {text!r}: no path")
+            raise ConfigError(f"models: {text!r} has no path")
         try:
             check_model_name(name)
         except ShmcacheError as exc:
-            raise ConfigError(f"--model {text!r}: {exc}") from exc
+            raise ConfigError(f"models.{name}: {exc}") from None
         return cls(name, Path(path).expanduser())
 
 

@@ -199,16 +199,10 @@ def models_from_strings(items: object, where: str) -> list[ModelSpec]:
 
 def parse_model(text: str, where: str) -> ModelSpec:
     """``NAME=PATH`` or a bare ``PATH`` (named by its stem), as ``--model`` takes it."""
-    name, sep, path = text.partition("=")
-    if not sep:
-        path, name = text, Path(text).stem
-    if not path:
-        raise ConfigError(f"{where}: models: {text!r} has no path")
     try:
-        check_model_name(name)
-    except ShmcacheError as exc:
-        raise ConfigError(f"{where}: models.{name}: {exc}") from None
-    return ModelSpec(name, Path(path).expanduser())
+        return ModelSpec.parse(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def from_env(env: Mapping[str, str]) -> Layer:
