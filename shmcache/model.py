@@ -126,7 +126,8 @@ def take_source(weight: Weight) -> EntrySource:
     data: bytes | np.ndarray = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t)
     if isinstance(data, bytes) and len(data) != length:
         raise ModelError(f"tensor {t.name!r}: {len(data)} bytes of data for shape {shape}")
-    _clear_data(t)
+    if not stays_inline(length):
+        _clear_data(t)
 
     def fill(dest: memoryview) -> None:
         if isinstance(data, bytes):
@@ -135,6 +136,17 @@ def take_source(weight: Weight) -> EntrySource:
             np.frombuffer(dest, dtype).reshape(shape)[...] = data
 
     return EntrySource(t.name, t.data_type, shape, length, fill)
+
+
+# Tensors below a page stay inline in the stored graph as well as in the table: ONNX Runtime's
+# shape inference reads shapes, pads and fill values from initializers while it loads a model
+# and cannot read them from external data ("Cannot parse data from external tensors", seen on
+# silero-vad's ConstantOfShape). A page per tiny tensor per worker is all that costs.
+INLINE_BELOW = 4096
+
+
+def stays_inline(length: int) -> bool:
+    return length < INLINE_BELOW
 
 
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data",
@@ -184,7 +196,8 @@ def build_model_segment(
 
     def graph_for(plan: Plan) -> bytes:
         for weight, entry in zip(weights, plan.entries):
-            point_at_segment(weight.tensor, name, entry.offset, entry.length)
+            if not stays_inline(entry.length):
+                point_at_segment(weight.tensor, name, entry.offset, entry.length)
         return model.SerializeToString()
 
     return write_segment(name, model_name, version, sources, graph_for, mode=mode, gid=gid,

@@ -59,18 +59,18 @@ def constants(arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
 def with_constant_and_subgraph(seed: int = 1) -> onnx.ModelProto:
     """Weights in a Constant node and in an If branch's initializer, as exporters leave them."""
     rng = np.random.default_rng(seed)
-    const = rng.standard_normal((4, 4)).astype(np.float32)
-    then_w = rng.standard_normal((4, 4)).astype(np.float32)
-    else_w = rng.standard_normal((4, 4)).astype(np.float32)
+    const = rng.standard_normal((32, 32)).astype(np.float32)
+    then_w = rng.standard_normal((32, 32)).astype(np.float32)
+    else_w = rng.standard_normal((32, 32)).astype(np.float32)
     then_graph = helper.make_graph(
         [helper.make_node("MatMul", ["h", "then_w"], ["then_y"])], "then", [],
-        [helper.make_tensor_value_info("then_y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("then_y", TensorProto.FLOAT, ["batch", 32])],
         [numpy_helper.from_array(then_w, "then_w")],
     )
     else_graph = helper.make_graph(
         [helper.make_node("Constant", [], ["else_w"], value=numpy_helper.from_array(else_w, "v")),
          helper.make_node("MatMul", ["h", "else_w"], ["else_y"])], "else", [],
-        [helper.make_tensor_value_info("else_y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("else_y", TensorProto.FLOAT, ["batch", 32])],
     )
     nodes = [
         helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(const, "c")),
@@ -79,9 +79,9 @@ def with_constant_and_subgraph(seed: int = 1) -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes, "branchy",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32]),
          helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
     )
     return _model(graph)
 

@@ -177,9 +177,15 @@ class ModelRuntime:
         self.typical_seconds += (seconds - self.typical_seconds) * 0.1
 
     def warm_up(self) -> None:
-        """One inference on inputs synthesised from the signature (dynamic dims set to 1)."""
-        feed = synthesize_inputs(self.inputs)
-        self.session.run(None, feed)
+        """One inference on inputs synthesised from the signature (dynamic dims set to 1, or
+        to WARMUP_RETRY_DIM when 1 is too small for the model: silero-vad's reflect pad and
+        PP-OCR's resize refuse 1)."""
+        try:
+            feed = synthesize_inputs(self.inputs)
+            self.session.run(None, feed)
+        except Exception:
+            feed = synthesize_inputs(self.inputs, WARMUP_RETRY_DIM)
+            self.session.run(None, feed)
         started = time.perf_counter()
         self.session.run(None, feed)  # the second run is the representative one
         self.typical_seconds = time.perf_counter() - started
@@ -218,10 +224,14 @@ def check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
                 f"(shape {list(array.shape)}, expected {list(spec.shape)})")
 
 
+# Exporters write these for "unknown", not as a name shared between dimensions.
+UNNAMED_DIMS = frozenset({"", "?", "-1", "None", "unknown"})
+
+
 def check_symbols(spec: TensorSpec, array: np.ndarray, seen: dict[str, tuple[int, str]]) -> None:
     """A named dynamic dimension ("batch", "seq") must have one size across all inputs."""
     for want, got in zip(spec.shape, array.shape):
-        if not isinstance(want, str):
+        if not isinstance(want, str) or want in UNNAMED_DIMS:
             continue
         size, first = seen.setdefault(want, (got, spec.name))
         if size != got:
@@ -229,10 +239,16 @@ def check_symbols(spec: TensorSpec, array: np.ndarray, seen: dict[str, tuple[int
                 f"dimension {want!r} is {size} in input {first!r} but {got} in {spec.name!r}")
 
 
-def synthesize_inputs(specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+WARMUP_RETRY_DIM = 64
+
+
+def synthesize_inputs(specs: list[TensorSpec], dynamic: int = 1) -> dict[str, np.ndarray]:
+    """Zeros of each input's shape; dynamic dims become ``dynamic``, except a leading (batch)
+    one, which stays 1 so a retry does not grow the memory arena for nothing."""
     feed = {}
     for spec in specs:
-        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        shape = [d if isinstance(d, int) else (1 if axis == 0 else dynamic)
+                 for axis, d in enumerate(spec.shape)]
         dtype = np.dtype(spec.dtype) if spec.dtype in ORT_TYPES.values() else np.float32
         feed[spec.name] = np.zeros(shape, dtype=dtype)
     return feed

@@ -314,9 +314,9 @@ def test_safetensors_full_weights_need_no_served_tensors(
 def test_partial_weights_without_served_tensors_are_refused(
     segments: Callable[[onnx.ModelProto], Served], tmp_path: Path
 ) -> None:
-    served = segments(models.mlp())
-    with pytest.raises(WeightsError, match=r"other 2: 'b0', 'w1'"):
-        load_candidate(mlp_safetensors(tmp_path), served.graph)
+    served = segments(models.mlp((16, 128, 32)))  # w0, w1 big enough to live in the segment only
+    with pytest.raises(WeightsError, match=r"other 1: 'w1'"):
+        load_candidate(mlp_safetensors(tmp_path, w0=np.zeros((16, 128), np.float32)), served.graph)
 
 
 def test_subgraph_and_hoisted_constant_weights_are_replaced(
@@ -324,12 +324,12 @@ def test_subgraph_and_hoisted_constant_weights_are_replaced(
 ) -> None:
     served = segments(models.with_constant_and_subgraph())
     rng = np.random.default_rng(4)
-    new = {name: rng.standard_normal((4, 4)).astype(np.float32)
+    new = {name: rng.standard_normal((32, 32)).astype(np.float32)
            for name in ("c", "then_w", "else_w")}  # top-level Constant, If-branch init, branch Constant
     path = tmp_path / "w.safetensors"
     save_safetensors(path, new)
     session = session_on(segments(load_candidate(path, served.graph, served.tensor)))
-    x = rng.standard_normal((3, 4)).astype(np.float32)
+    x = rng.standard_normal((3, 32)).astype(np.float32)
     for flag, branch in ((True, "then_w"), (False, "else_w")):
         (y,) = session.run(None, {"x": x, "flag": np.array(flag)})
         np.testing.assert_allclose(y, x @ new["c"] @ new[branch], rtol=1e-5, atol=1e-5)

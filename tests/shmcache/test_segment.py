@@ -110,7 +110,9 @@ def test_segment_graph_runs_in_onnxruntime_identically(shm_name: str, tmp_path: 
             x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
             assert np.array_equal(shared.run(None, {"x": x})[0], direct.run(None, {"x": x})[0])
             graph = onnx.load_from_string(seg.graph_bytes())
-            assert all(t.data_location == TensorProto.EXTERNAL for t in graph.graph.initializer)
+            for t in graph.graph.initializer:  # big ones point into the segment, tiny stay inline
+                big = t.data_location == TensorProto.EXTERNAL
+                assert big == (seg.tensor(t.name).nbytes >= 4096), t.name
             del shared
     finally:
         owned.unlink()
@@ -131,12 +133,12 @@ def test_constants_and_subgraph_weights_become_entries(shm_name: str, tmp_path: 
                 assert not any(n.op_type == "Constant" for n in g.node)
                 assert all(t.data_location == TensorProto.EXTERNAL and not t.raw_data
                            for t in g.initializer)
-            assert len(seg.graph_bytes()) < 2000  # no weight bytes left inline
+            assert len(seg.graph_bytes()) < 3000  # no weight bytes left inline
             so = ort.SessionOptions()
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", "/dev/shm")
             shared = ort.InferenceSession(seg.graph_bytes(), so, providers=["CPUExecutionProvider"])
             direct = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+            x = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
             for flag in (True, False):
                 feed = {"x": x, "flag": np.array(flag)}
                 assert np.array_equal(shared.run(None, feed)[0], direct.run(None, feed)[0])
