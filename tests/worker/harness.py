@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shmcache import protocol
-from shmcache.model import build_model_segment, load_model
+from shmcache.model import build_model_segment, load_model, model_digest
 from shmcache.registry import instance_id, segment_name
+from shmcache.segment import OwnedSegment
+from worker.prepack import cached_prepack, write_prepacked_segment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,13 +58,23 @@ class WorkerProcess:
                 return msg
 
 
+def build_segment(path: Path, name: str, model: str, tmp_path: Path, prepack: bool,
+                  level: str) -> OwnedSegment:
+    if not prepack:
+        return build_model_segment(load_model(path), name=name, model_name=model, version=1)
+    out = cached_prepack(path, tmp_path / "prepack-cache", level, model_digest(path))
+    return write_prepacked_segment(out, name=name, model_name=model, version=1)
+
+
 @contextmanager
 def running_worker(tmp_path: Path, models: dict[str, Path], *, settings: dict | None = None,
-                   **config: object) -> Iterator[WorkerProcess]:
-    """Build a segment per model, start a worker over them, yield once it reports ready."""
+                   prepack: bool = False, **config: object) -> Iterator[WorkerProcess]:
+    """Build a segment per model (plain, or pre-packed by ONNX Runtime at the worker's level),
+    start a worker over them, yield once it reports ready."""
     instance = instance_id(tmp_path / "w.sock")
-    owned = [build_model_segment(load_model(path), name=segment_name(instance, name, 1),
-                                 model_name=name, version=1) for name, path in models.items()]
+    owned = [build_segment(path, segment_name(instance, name, 1), name, tmp_path, prepack,
+                           (settings or {}).get("optimization", "all"))
+             for name, path in models.items()]
     sock_path = tmp_path / "w.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(sock_path))

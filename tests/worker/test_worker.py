@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -26,9 +27,10 @@ from worker.runtime import SessionSettings
 RNG = np.random.default_rng(11)
 
 
-def reference(path: Path) -> ort.InferenceSession:
-    """An in-process session with exactly the worker's session options."""
-    return ort.InferenceSession(str(path), SessionSettings(intra_op_threads=1).options(),
+def reference(path: Path, prepacked: bool = False) -> ort.InferenceSession:
+    """An in-process session with exactly the worker's session options (pre-packing on when
+    the worker's segment carries pre-packed weights, off when it does not)."""
+    return ort.InferenceSession(str(path), SessionSettings(intra_op_threads=1).options(prepacked),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -55,6 +57,28 @@ def fidelity_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
              for name, (model, _) in FIDELITY_CASES.items()}
     with running_worker(tmp, paths) as worker:
         yield worker, paths
+
+
+@pytest.fixture(scope="module")
+def prepacked_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkerProcess, dict[str, Path]]]:
+    tmp = tmp_path_factory.mktemp("prepacked")
+    paths = {name: models.save(model, tmp / f"{name}.onnx")
+             for name, (model, _) in FIDELITY_CASES.items()}
+    with running_worker(tmp, paths, prepack=True) as worker:
+        yield worker, paths
+
+
+@pytest.mark.parametrize("case", sorted(FIDELITY_CASES))
+def test_prepacked_outputs_bit_identical_to_in_process(
+    prepacked_worker: tuple[WorkerProcess, dict[str, Path]], case: str
+) -> None:
+    worker, paths = prepacked_worker
+    feed = FIDELITY_CASES[case][1]()
+    expected = reference(paths[case], prepacked=True).run(None, feed)
+    with shmcache.Client(str(worker.socket_path)) as client:
+        got = client.run(case, None, feed)
+    assert [(g.dtype, g.shape, g.tobytes()) for g in got] == \
+        [(e.dtype, e.shape, e.tobytes()) for e in expected]
 
 
 @pytest.mark.parametrize("case", sorted(FIDELITY_CASES))
@@ -308,3 +332,19 @@ def test_64_mib_input_round_trip(busy_worker: tuple[WorkerProcess, Path]) -> Non
     with shmcache.Client(str(worker.socket_path), timeout=120) as client:
         (y,) = client.run("echo", None, {"x": x})
     assert y.nbytes == 64 * 2**20 and np.array_equal(x, y)
+
+
+def test_prepacked_segment_carries_blobs(tmp_path: Path) -> None:
+    from shmcache.segment import KIND_BLOB, Segment
+    from tests.worker.harness import build_segment
+
+    path = models.save(models.mlp((64, 128, 32), seed=3), tmp_path / "m.onnx")
+    owned = build_segment(path, f"shmcache.00000000.{os.getpid()}.m.v1.abcdef", "m", tmp_path,
+                          True, "all")
+    try:
+        with Segment.attach(owned.name, verify=True) as seg:
+            assert seg.header.prepacked
+            blobs = [e for e in seg.entries if e.kind == KIND_BLOB]
+            assert blobs and all(seg.entries[b.parent].name in ("w0", "w1") for b in blobs)
+    finally:
+        owned.unlink()
