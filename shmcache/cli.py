@@ -254,8 +254,10 @@ def show_progress(args: argparse.Namespace, publishing: Any) -> None:
             except ShmcacheError:
                 break
             phase = p.get("phase", "idle")
-            if phase == "building":
-                line = f"writing v{p['version']} ({p['elapsed']:.1f}s)"
+            if phase == "building" and p.get("size"):
+                line = f"writing v{p['version']}: {mib(p['written'])} of {mib(p['size'])} MiB"
+            elif phase == "building":
+                line = f"reading and checking {args.path.name} ({p['elapsed']:.1f}s)"
             elif phase == "preparing":
                 line = (f"wrote {mib(p['size'])} MiB; preparing on workers "
                         f"({p['prepared']} done, {p['waiting']} waiting)")

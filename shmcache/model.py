@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +187,7 @@ def build_model_segment(
     mode: int = 0o600,
     gid: int | None = None,
     creator_pid: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> OwnedSegment:
     """Write ``model``'s weights and its rewritten graph into a new sealed segment.
 
@@ -201,4 +203,4 @@ def build_model_segment(
         return model.SerializeToString()
 
     return write_segment(name, model_name, version, sources, graph_for, mode=mode, gid=gid,
-                         creator_pid=creator_pid)
+                         creator_pid=creator_pid, progress=progress)

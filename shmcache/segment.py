@@ -292,12 +292,14 @@ def write_segment(
     mode: int = 0o600,
     gid: int | None = None,
     creator_pid: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> OwnedSegment:
     """Create, fill, digest and seal a segment. On any failure nothing is left behind.
 
     ``graph_for`` receives the final layout and returns the graph bytes, which may refer to the
     entries' offsets (that is how the stored graph points ONNX Runtime at the segment).
-    ``creator_pid`` records the owner when a helper process builds on the daemon's behalf.
+    ``creator_pid`` records the owner when a helper process builds on the daemon's behalf;
+    ``progress(bytes_written, total)`` is called as entries are filled.
     """
     encoded_model = model.encode("utf-8")
     if not encoded_model or len(encoded_model) > MAX_NAME_BYTES:
@@ -318,7 +320,7 @@ def write_segment(
         mem = mmap.mmap(shm.fd, total)
         shm.close_fd()
         try:
-            _fill(mem, plan, sources, graph)
+            _fill(mem, plan, sources, graph, progress or (lambda done, total: None))
             _seal(mem, plan, graph, model=encoded_model, version=version, flags=flags, key=key,
                   creator=creator_pid or os.getpid())
         finally:
@@ -347,7 +349,8 @@ def _reserve(fd: int, total: int, mode: int, gid: int | None, name: str) -> None
         ) from exc
 
 
-def _fill(mem: mmap.mmap, plan: Plan, sources: Sequence[EntrySource], graph: bytes) -> None:
+def _fill(mem: mmap.mmap, plan: Plan, sources: Sequence[EntrySource], graph: bytes,
+          progress: Callable[[int, int], None]) -> None:
     view = memoryview(mem)
     try:
         struct.pack_into(
@@ -355,8 +358,10 @@ def _fill(mem: mmap.mmap, plan: Plan, sources: Sequence[EntrySource], graph: byt
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b"",
         )
         _write_table(mem, plan)
+        total = plan.graph_offset() + len(graph)
         for entry, source in zip(plan.entries, sources):
             source.fill(view[entry.offset : entry.offset + entry.length])
+            progress(entry.offset + entry.length, total)
         start = plan.graph_offset()
         view[start : start + len(graph)] = graph
     finally:

@@ -110,9 +110,24 @@ class Build:
     path: Path
     segment: str
     version: int
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
     job: PublishJob | None = None  # set when the build is a publish
+    output: bytearray = field(default_factory=bytearray)  # stdout not yet split into lines
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def take_lines(self, data: bytes) -> list[dict[str, Any]]:
+        """Complete JSON lines from the builder's stdout (progress, then the result)."""
+        self.output += data
+        *lines, rest = self.output.split(b"\n")
+        self.output = bytearray(rest)
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append(json.loads(line))
+            except ValueError:
+                continue
+        return parsed
 
 
 class Arbiter:
@@ -393,9 +408,12 @@ class Arbiter:
         if self.cfg.prepack and self.cfg.optimization != "disabled":
             cmd += ["--prepack-cache", str(self.cfg.state_dir / "cache"),
                     "--opt-level", self.cfg.optimization]
-        proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, text=True,
-                                env=child_env())
+        proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, env=child_env())
         build = Build(model, path, name, version, proc, job=job)
+        assert proc.stdout is not None
+        # Drained as it comes: a builder blocked on a full pipe would never finish.
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.sel.register(proc.stdout, selectors.EVENT_READ, lambda _, b=build: self.read_build(b))
         self.builds[f"publish:{model}" if job else model] = build
         log.info("building segment for model %r v%d from %s", model, version, path)
         return build
@@ -413,14 +431,32 @@ class Arbiter:
                 log.info("all %d model(s) in shared memory; starting %d worker(s)",
                          len(self.models), self.target)
 
-    def finish_build(self, build: Build) -> None:
-        out = build.proc.stdout.read() if build.proc.stdout else ""
-        if build.proc.stdout:
-            build.proc.stdout.close()
+    def read_build(self, build: Build) -> None:
+        assert build.proc.stdout is not None
         try:
-            result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-        except json.JSONDecodeError:
-            result = {}
+            data = os.read(build.proc.stdout.fileno(), 65536)
+        except BlockingIOError:
+            return
+        for msg in build.take_lines(data + (b"\n" if not data else b"")):
+            if "progress" in msg and build.job is not None:
+                build.job.written, build.job.size = int(msg["progress"]), int(msg["total"])
+            elif "ok" in msg:
+                build.result = msg
+        if not data:
+            self.close_build_output(build)
+
+    def close_build_output(self, build: Build) -> None:
+        if build.proc.stdout is not None and not build.proc.stdout.closed:
+            try:
+                self.sel.unregister(build.proc.stdout)
+            except (KeyError, ValueError):
+                pass
+            build.proc.stdout.close()
+
+    def finish_build(self, build: Build) -> None:
+        while build.proc.stdout is not None and not build.proc.stdout.closed:
+            self.read_build(build)  # the rest of what it printed before exiting
+        result = build.result
         if not result.get("ok"):
             registry.remove(build.segment)  # whatever the helper left under our name
             why = result.get("message") or f"builder exited with status {build.proc.returncode}"
@@ -914,8 +950,7 @@ class Arbiter:
         if build is not None:
             build.proc.kill()
             build.proc.wait()
-            if build.proc.stdout:
-                build.proc.stdout.close()
+            self.close_build_output(build)
         for w in self.workers.values():
             w.peer.send({"op": "drop", "model": job.model, "version": job.version})
         version = self.models[job.model].versions.pop(job.version, None)
@@ -1009,8 +1044,7 @@ class Arbiter:
             if build.proc.poll() is not None:
                 del self.builds[model]
                 registry.remove(build.segment)
-                if build.proc.stdout:
-                    build.proc.stdout.close()
+                self.close_build_output(build)
         if not self.workers and not self.builds:
             self.phase = "done"
             return

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -106,7 +107,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     if owned is None:
         owned = build_model_segment(
             model, name=args.segment, model_name=args.model_name,
-            version=args.version, mode=args.mode, gid=args.gid, creator_pid=args.owner_pid)
+            version=args.version, mode=args.mode, gid=args.gid, creator_pid=args.owner_pid,
+            progress=report_progress)
     result.update(segment=owned.name, size=owned.size)
     return result
 
@@ -119,7 +121,18 @@ def build_prepacked(args: argparse.Namespace, source: Path) -> OwnedSegment:
     out = cached_prepack(source, args.prepack_cache, args.opt_level, model_digest(source))
     return write_prepacked_segment(out, name=args.segment, model_name=args.model_name,
                                    version=args.version, mode=args.mode, gid=args.gid,
-                                   creator_pid=args.owner_pid)
+                                   creator_pid=args.owner_pid, progress=report_progress)
+
+
+_last_report = [0.0]
+
+
+def report_progress(done: int, total: int) -> None:
+    """A JSON line on stdout at most ten times a second: `shmcache publish` shows it."""
+    now = time.monotonic()
+    if now - _last_report[0] >= 0.1 or done >= total:
+        _last_report[0] = now
+        print(json.dumps({"progress": done, "total": total}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

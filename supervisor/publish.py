@@ -39,7 +39,8 @@ class PublishJob:
     phase: str = "building"  # building -> preparing -> committed | failed
     started: float = field(default_factory=time.monotonic)
     built_at: float = 0.0
-    size: int = 0
+    size: int = 0  # bytes of the new segment
+    written: int = 0  # of which written so far (builder progress)
     waiting: dict[int, int] = field(default_factory=dict)  # worker pid -> control request id
     prepared: set[int] = field(default_factory=set)
     error: str = ""
@@ -54,5 +55,6 @@ class PublishJob:
     def progress(self) -> dict[str, object]:
         return {"model": self.model, "version": self.version, "phase": self.phase,
                 "elapsed": time.monotonic() - self.started, "size": self.size,
+                "written": self.written,
                 "prepared": len(self.prepared), "waiting": len(self.waiting),
                 "error": self.error}

@@ -368,6 +368,7 @@ def segment_sources(graph: onnx.ModelProto, data_path: Path) -> tuple[list[Exter
 def write_prepacked_segment(
     out: PrepackOutput, *, name: str, model_name: str, version: int, mode: int = 0o600,
     gid: int | None = None, creator_pid: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> OwnedSegment:
     """A segment holding the optimized graph, the original weights and their pre-packed blobs,
     with every external reference relocated into the segment file itself."""
@@ -381,7 +382,7 @@ def write_prepacked_segment(
 
     return write_segment(name, model_name, version, sources, graph_for, flags=FLAG_PREPACKED,
                          key=bytes.fromhex(out.key)[:32], mode=mode, gid=gid,
-                         creator_pid=creator_pid)
+                         creator_pid=creator_pid, progress=progress)
 
 
 def cached_prepack(model_path: Path, cache_root: Path, opt_level: str, model_digest: str) -> PrepackOutput:
