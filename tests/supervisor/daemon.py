@@ -17,6 +17,7 @@ from shmcache.paths import control_socket_path
 from shmcache.registry import instance_id
 
 ROOT = Path(__file__).resolve().parents[2]
+STARTED: list[Daemon] = []  # killed by tests/supervisor/conftest.py if a test leaves one
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
@@ -47,6 +48,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             cmd, stderr=self.log, stdout=self.log,
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        STARTED.append(self)
 
     @property
     def instance(self) -> str:
