@@ -124,6 +124,7 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("keep", int, "earlier versions kept loaded for rollback (1)"),
     ("group", str, "group owning the client socket and segments (modes 0660/0640)"),
     ("metrics_address", str, "HOST:PORT for /metrics, /healthz, /readyz (off)"),
+    ("spin", float, "seconds a worker stays on the CPU after a request, for latency (0.00025)"),
     ("optimization", str, "ONNX Runtime graph optimization: disabled|basic|extended|all"),
     ("log_level", str, "debug|info|warning|error"),
 ]

@@ -557,7 +557,8 @@ class Arbiter:
                                          optimization=self.cfg.optimization),
                 max_inflight=self.cfg.max_inflight, max_frame=self.cfg.max_frame,
                 graceful_timeout=self.cfg.graceful_timeout,
-                warmup_parallel=self.cfg.warmup_parallel, supervisor_pid=os.getppid())
+                warmup_parallel=self.cfg.warmup_parallel, supervisor_pid=os.getppid(),
+                spin=self.cfg.spin)
             assert self.listener is not None
             code = run_worker(config, self.listener, control)
         except BaseException:  # noqa: BLE001 - a worker must never return into the arbiter

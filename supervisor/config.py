@@ -71,6 +71,7 @@ class ServeConfig:
     group: str | None = None
     metrics_address: str | None = None
     lock_memory: bool = False
+    spin: float = 0.00025  # seconds a worker stays on the CPU after a request (0: never)
     log_level: str = "info"
 
     @property
@@ -92,6 +93,7 @@ class ServeConfig:
             ("warmup_parallel", self.warmup_parallel >= 1, "must be >= 1"),
             ("build_parallel", self.build_parallel >= 1, "must be >= 1"),
             ("keep", self.keep >= 0, "must be >= 0"),
+            ("spin", 0 <= self.spin <= 0.1, "must be 0 .. 0.1 seconds"),
             ("optimization", self.optimization in ("disabled", "basic", "extended", "all"),
              "must be one of disabled, basic, extended, all"),
             ("log_level", self.log_level in ("debug", "info", "warning", "error"),

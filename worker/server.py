@@ -68,6 +68,7 @@ class WorkerConfig:
     graceful_timeout: float = 30.0
     warmup_parallel: int = 2
     supervisor_pid: int = 0
+    spin: float = 0.00025  # seconds the loop stays hot after a request; 0 lets it sleep at once
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -92,6 +93,8 @@ class Worker:
         self.pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="infer")
         self.request_stats = RequestStats()
         self.stopping = asyncio.Event()
+        self.hot_until = 0.0
+        self.spinning = False
         self.server: asyncio.AbstractServer | None = None
         self.control: ControlConnection | None = None
 
@@ -164,7 +167,27 @@ class Worker:
 
     # --- requests -----------------------------------------------------------------------
 
+    def keep_hot(self) -> None:
+        """Stay on the CPU a moment after a request instead of sleeping in epoll at once.
+
+        A core that halts, even for 200 us, runs the next request 3x slower (measured on this
+        2-core VM: the request path took 83 us after an idle gap, 28 us hot); a back-to-back
+        client's next request usually arrives within tens of microseconds. While spinning, the
+        loop polls with a zero timeout, so it still reads every socket at once.
+        """
+        self.hot_until = time.perf_counter() + self.config.spin
+        if not self.spinning and self.config.spin > 0:
+            self.spinning = True
+            asyncio.get_running_loop().call_soon(self._spin)
+
+    def _spin(self) -> None:
+        if time.perf_counter() < self.hot_until and not self.stopping.is_set():
+            asyncio.get_running_loop().call_soon(self._spin)
+        else:
+            self.spinning = False
+
     def handle(self, conn: ClientConnection, msg: dict[str, Any]) -> None:
+        self.keep_hot()
         try:
             request = protocol.parse_request(msg)
         except errors.RemoteError as exc:
@@ -327,7 +350,11 @@ class FramedConnection(asyncio.Protocol):
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(protocol.encode_frame_parts(msg))
+            parts = protocol.encode_frame_parts(msg)
+            if len(parts) == 1:
+                self.transport.write(parts[0])  # small frames come joined: one plain write
+            else:
+                self.transport.writelines(parts)
 
     def close_now(self) -> None:
         if self.transport is not None:
