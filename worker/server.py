@@ -173,7 +173,8 @@ class Worker:
         A core that halts, even for 200 us, runs the next request 3x slower (measured on this
         2-core VM: the request path took 83 us after an idle gap, 28 us hot); a back-to-back
         client's next request usually arrives within tens of microseconds. While spinning, the
-        loop polls with a zero timeout, so it still reads every socket at once.
+        loop polls with a zero timeout, so it still reads every socket at once. Called after
+        a reply goes out, never while a model computes (its threads need the cores).
         """
         self.hot_until = time.perf_counter() + self.config.spin
         if not self.spinning and self.config.spin > 0:
@@ -187,7 +188,6 @@ class Worker:
             self.spinning = False
 
     def handle(self, conn: ClientConnection, msg: dict[str, Any]) -> None:
-        self.keep_hot()
         try:
             request = protocol.parse_request(msg)
         except errors.RemoteError as exc:
@@ -348,7 +348,11 @@ class FramedConnection(asyncio.Protocol):
     def on_message(self, msg: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def after_send(self) -> None:
+        """Hook for subclasses: the client connection keeps its worker hot after replying."""
+
     def send(self, msg: dict[str, Any]) -> None:
+        self.after_send()
         if self.transport is not None and not self.transport.is_closing():
             parts = protocol.encode_frame_parts(msg)
             if len(parts) == 1:
@@ -379,6 +383,10 @@ class ClientConnection(FramedConnection):
     def on_message(self, msg: dict[str, Any]) -> None:
         if not self.finishing:
             self.worker.handle(self, msg)
+
+    def after_send(self) -> None:
+        if self.worker.inflight == 0:
+            self.worker.keep_hot()
 
     # Back-pressure: a client that does not read its answers stops being read from.
     def pause_writing(self) -> None:
