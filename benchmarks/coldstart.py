@@ -109,6 +109,34 @@ def replace_one(daemon: Daemon, timeout: float = 120.0) -> tuple[float, float]:
     return elapsed, daemon.ready_lines()[new_pid]
 
 
+def takeover_by_standby(daemon: Daemon, workers: int, timeout: float = 120.0) -> float:
+    """SIGKILL an active worker of a daemon run with ``--standby 1``; seconds until status
+    shows ``workers`` active ready workers again, the victim not among them (polled)."""
+    def active() -> set[int]:
+        with daemon.control() as ctl:
+            status = ctl.request("status")
+        return {w["pid"] for w in status["workers"]
+                if w["state"] == "ready" and w.get("role") == "active"}
+
+    deadline = time.perf_counter() + timeout
+    while len(active()) < workers or not any(
+            w.get("role") == "standby" and w["state"] == "ready"
+            for w in daemon.status()["workers"]):
+        if time.perf_counter() > deadline:
+            raise TimeoutError("standby never ready")
+        time.sleep(POLL)
+    victim = min(active())
+    t0 = time.perf_counter()
+    os.kill(victim, signal.SIGKILL)
+    while True:
+        now_active = active()
+        if victim not in now_active and len(now_active) >= workers:
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"no takeover after {timeout}s:\n{daemon.log()}")
+        time.sleep(POLL)
+
+
 class VanishedSegment(Exception):
     """Someone else unlinked our segment mid-run (seen: a concurrent pytest session's leak
     sweep in tests/conftest.py removes every new shmcache.* name); the round is redone."""
@@ -140,6 +168,7 @@ def main() -> int:
     naive: list[float] = []
     start: dict[int, list[float]] = {1: [], 4: []}
     replaced: dict[int, list[float]] = {1: [], 4: []}
+    standby: list[float] = []
     logged: dict[int, list[float]] = {1: [], 4: []}
     codes: list[int] = []
     vanished: list[str] = []
@@ -168,6 +197,17 @@ def main() -> int:
                 print(f"round {r + 1}/{args.repeat}, {workers} worker(s): naive {naive[-1]:.3f}s "
                       f"start {up:.3f}s replaced {polled:.3f}s (log {log_s:.3f}s)",
                       file=sys.stderr, flush=True)
+            sock = tmpdir / f"r{r}standby.sock"
+            sockets.append(sock)
+            spare = Daemon(sock, {"mlp": model}, workers=1, threads=args.threads,
+                           extra=["--standby", "1"])
+            try:
+                spare.wait_ready()
+                standby.append(takeover_by_standby(spare, 1))
+            finally:
+                codes.append(spare.stop())
+            print(f"round {r + 1}/{args.repeat}, 1 worker + 1 standby: takeover "
+                  f"{standby[-1]:.3f}s", file=sys.stderr, flush=True)
     leaked = shm_leftovers(sockets)
     base = med(naive)
 
@@ -181,6 +221,7 @@ def main() -> int:
     for w in (1, 4):
         rows.append(row(f"replaced worker, kill to ready (polled), {w} worker(s)", replaced[w]))
         rows.append(row(f"replaced worker, supervisor log spawn to ready, {w} worker(s)", logged[w]))
+    rows.append(row("killed worker replaced by a warm standby (--standby 1), polled", standby))
     print(f"cold start, {args.mib} MiB MLP, {args.repeat} interleaved rounds, seconds; "
           f"threads per worker: {args.threads or 'daemon default (cores // workers)'}, "
           f"naive worker: {args.threads or cores}")
@@ -192,6 +233,9 @@ def main() -> int:
         print(f"target (replaced worker <= {TARGET_RATIO:.2f} x naive), {w} worker(s): "
               f"{ratio:.2f} x polled, {med(logged[w]) / base:.2f} x logged -> "
               f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}")
+    ratio = med(standby) / base
+    print(f"with --standby 1: {ratio:.3f} x naive -> {'met' if ratio <= TARGET_RATIO else 'NOT met'}"
+          " (a spare costs one worker's private memory; weights are the shared segment's)")
     if vanished:
         print(f"rounds redone because another process unlinked our segment: {len(vanished)}")
     print(f"daemon exit statuses {codes}; /dev/shm leftovers: {leaked or 'none'}")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import onnx
@@ -15,24 +21,7 @@ def make_mlp(path: Path, mib: int = 256, batch_dim: str = "batch") -> Path:
 
     256 MiB gives 4 x 4096x4096, the model the issues measure on.
     """
-    width = int(round((mib * 2**20 / 4 / 4) ** 0.5))
-    rng = np.random.default_rng(7)
-    nodes, inits, x = [], [], "x"
-    for i in range(4):
-        w = (rng.random((width, width), dtype=np.float32) - 0.5) / np.float32(width**0.5)
-        inits += [numpy_helper.from_array(w, f"w{i}"),
-                  numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
-                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
-                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"])]
-        x = f"r{i}"
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch_dim, width])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch_dim, width])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return make_mlp_seeded(path, mib, seed=7, batch_dim=batch_dim)
 
 
 def make_tiny(path: Path) -> Path:
@@ -65,12 +54,6 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
 
 # --- a daemon under test (added for latency.py and coldstart.py) -------------------------------
 
-import os  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = re.compile(r"worker (\d+) ready in ([0-9.]+)s")
@@ -92,12 +75,16 @@ class Daemon:
     """
 
     def __init__(self, sock: Path, models: dict[str, Path], workers: int,
-                 threads: int | None = None, log_path: Path | None = None) -> None:
+                 threads: int | None = None, log_path: Path | None = None,
+                 state_dir: Path | None = None, extra: Sequence[str] = ()) -> None:
         self.sock = sock
         self.ctl = f"{sock}.ctl"
         self.log_path = log_path or sock.with_suffix(".log")
+        # Always a private state directory: root's default (/var/lib/shmcache) would collect
+        # every benchmark's pre-pack cache.
+        state = state_dir or sock.with_name(sock.name + ".state")
         cmd = [sys.executable, "-m", "shmcache.cli", "serve", "--workers", str(workers),
-               "--socket", str(sock)]
+               "--socket", str(sock), "--state-dir", str(state), *extra]
         for name, path in models.items():
             cmd += ["--model", f"{name}={path}"]
         if threads is not None:
@@ -184,6 +171,27 @@ def make_mlp_seeded(path: Path, mib: int = 256, seed: int = 7, batch_dim: str = 
     return path
 
 
+def measure(calls: dict[str, Callable[[], object]], total: int, block: int,
+            warmup: int = 20) -> dict[str, list[float]]:
+    """Alternate blocks of ``block`` calls per side until each side has made ``total`` calls,
+    so host noise hits every side alike (the machines are shared)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():  # warm up each side (connection, arenas, caches)
+        for _ in range(min(warmup, total)):
+            fn()
+    done = 0
+    while done < total:
+        n = min(block, total - done)
+        for name, fn in calls.items():
+            out = times[name]
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+        done += n
+    return times
+
+
 def make_conv(path: Path, channels: Sequence[int] = (3, 64, 256, 512, 512), size: int = 32) -> Path:
     """4 x (Conv 3x3 pad 1 + Relu), channels 3->64->256->512->512 on 1x3x32x32 (14.1 MiB of
     weights): the Conv model of NOTES-prepack.md."""
@@ -207,27 +215,13 @@ def make_conv(path: Path, channels: Sequence[int] = (3, 64, 256, 512, 512), size
 
 
 class ServeDaemon(Daemon):
-    """Daemon with ``--state-dir`` (always a temporary one in benchmarks: root's default is
-    /var/lib/shmcache) and extra ``serve`` flags such as ``--no-prepack`` or ``--keep 1``."""
+    """Daemon with an explicit ``--state-dir`` and extra ``serve`` flags (``--no-prepack``,
+    ``--keep 1``)."""
 
     def __init__(self, sock: Path, models: dict[str, Path], workers: int, state_dir: Path,
                  threads: int | None = None, extra: Sequence[str] = (),
                  log_path: Path | None = None) -> None:
-        self.sock = sock
-        self.ctl = f"{sock}.ctl"
-        self.log_path = log_path or sock.with_suffix(".log")
-        cmd = [sys.executable, "-m", "shmcache.cli", "serve", "--workers", str(workers),
-               "--socket", str(sock), "--state-dir", str(state_dir), *extra]
-        for name, path in models.items():
-            cmd += ["--model", f"{name}={path}"]
-        if threads is not None:
-            cmd += ["--threads", str(threads)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        self._log = open(self.log_path, "w")
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self.start_to_ready = None
+        super().__init__(sock, models, workers, threads, log_path, state_dir, extra)
 
 
 def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/") -> dict[str, int]:

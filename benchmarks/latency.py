@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Daemon, make_mlp, make_tiny, percentile, shm_leftovers, table  # noqa: E402
+from benchmarks.common import (Daemon, make_mlp, make_tiny, measure, percentile,  # noqa: E402
+                               shm_leftovers, table)
 from shmcache import Client  # noqa: E402
 from shmcache.segment import Segment  # noqa: E402
 from worker.runtime import SessionSettings  # noqa: E402
@@ -69,25 +68,6 @@ def worker_like_session(path: Path, settings: SessionSettings, prepacked: bool) 
     entries = {k: so.get_session_config_entry(k) for k in entries}
     return (ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]),
             session_options_text(so, entries))
-
-
-def measure(calls: dict[str, Callable[[], object]], total: int, block: int) -> dict[str, list[float]]:
-    """Alternate blocks of ``block`` calls per side until each side has made ``total`` calls."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():  # warm up each side (connection, arenas, caches)
-        for _ in range(min(20, total)):
-            fn()
-    done = 0
-    while done < total:
-        n = min(block, total - done)
-        for name, fn in calls.items():
-            out = times[name]
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
-        done += n
-    return times
 
 
 def us(seconds: float) -> str:

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +37,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (ServeDaemon, make_mlp, make_tiny, percentile, shm_leftovers,  # noqa: E402
-                               table)
+from benchmarks.common import (ServeDaemon, make_mlp, make_tiny, measure, percentile,  # noqa: E402
+                               shm_leftovers, table)
 from shmcache import Client  # noqa: E402
 from worker.runtime import SessionSettings  # noqa: E402
 
@@ -58,25 +56,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mlp-block", type=int, default=10)
     p.add_argument("--block", type=int, default=200)
     return p.parse_args()
-
-
-def measure(calls: dict[str, Callable[[], object]], total: int, block: int) -> dict[str, list[float]]:
-    """Alternate blocks of ``block`` calls per side until each side has made ``total`` calls."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():  # warm-up: connections, arenas, caches
-        for _ in range(min(10, total)):
-            fn()
-    done = 0
-    while done < total:
-        n = min(block, total - done)
-        for name, fn in calls.items():
-            out = times[name]
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
-        done += n
-    return times
 
 
 def ms(seconds: float) -> str:

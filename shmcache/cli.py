@@ -113,6 +113,7 @@ def socket_of(args: argparse.Namespace) -> Path:
 
 SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("workers", int, "worker processes (default 2)"),
+    ("standby", int, "warm spare workers that take over at once when one dies (default 0)"),
     ("threads", int, "intra-op threads per worker (default max(1, cores // workers))"),
     ("max_inflight", int, "requests a worker holds at once before answering overloaded (64)"),
     ("max_frame", int, "largest request or response frame in bytes (272 MiB)"),
@@ -191,7 +192,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"up {status['uptime']:.0f}s  workers {len(status['workers'])}/{status['target_workers']}"
             f"  restarts {status['restarts']}")
     workers = format_table(
-        [(w["pid"], w["state"], f"{w['uptime']:.0f}s", w["served"],
+        [(w["pid"], w["state"] if w.get("role", "active") == "active" else "standby",
+          f"{w['uptime']:.0f}s", w["served"],
           " ".join(f"{k}=v{v}" for k, v in sorted(w["versions"].items())),
           mib(w["shared"]), mib(w["uss"]), mib(w["pss"])) for w in status["workers"]],
         ["pid", "state", "uptime", "served", "versions", "shared MiB", "private (USS) MiB",

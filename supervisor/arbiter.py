@@ -92,6 +92,11 @@ class WorkerHandle:
     inflight: int = 0
     versions: dict[str, int] = field(default_factory=dict)
     retiring: bool = False  # to be replaced by a reload
+    standby: bool = False  # warm, not accepting, until activated to replace an active worker
+
+    @property
+    def role(self) -> str:
+        return "standby" if self.standby else "active"
 
 
 @dataclass
@@ -370,8 +375,10 @@ class Arbiter:
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
                              "STATUS=reloading workers")
         self.reloading = True
-        for w in self.workers.values():
-            if w.state != "stopping":
+        for w in list(self.workers.values()):
+            if w.standby:
+                self.stop_worker(w)  # not serving: replaced once the reload is done
+            elif w.state != "stopping":
                 w.retiring = True
 
     def handle_ttin(self) -> None:
@@ -506,8 +513,27 @@ class Arbiter:
     # --- workers ------------------------------------------------------------------------------
 
     def manage_workers(self) -> None:
-        """Reconcile the workers with the target count and any reload in progress."""
-        live = [w for w in self.workers.values() if w.state != "stopping"]
+        """Reconcile the workers with the target count and any reload in progress, then keep
+        the configured number of warm standbys."""
+        self.manage_active_workers()
+        standbys = [w for w in self.workers.values() if w.standby and w.state != "stopping"]
+        if not self.reloading:
+            for _ in range(self.cfg.standby - len(standbys)):
+                self.spawn_worker(standby=True)
+
+    def activate_standby(self) -> bool:
+        """Promote a ready standby to active: a replacement ready as fast as a message goes."""
+        for w in self.workers.values():
+            if w.standby and w.state == "ready" and not w.retiring:
+                w.standby = False
+                w.peer.send({"op": "activate"})
+                log.info("activated standby worker %d", w.pid)
+                self.close_early_door()
+                return True
+        return False
+
+    def manage_active_workers(self) -> None:
+        live = [w for w in self.workers.values() if w.state != "stopping" and not w.standby]
         fresh = [w for w in live if not w.retiring]
         retiring = [w for w in live if w.retiring]
         booting = [w for w in fresh if w.state == "booting"]
@@ -523,25 +549,26 @@ class Arbiter:
             log.info("reload complete")
             self.notify_ready()
         for _ in range(self.target - len(fresh)):
-            self.spawn_worker()
+            if not self.activate_standby():
+                self.spawn_worker()
         if len(fresh) > self.target:
             newest = sorted(fresh, key=lambda w: w.started)[self.target :]
             for w in newest:
                 self.stop_worker(w)
 
-    def spawn_worker(self) -> None:
+    def spawn_worker(self, standby: bool = False) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # child: never returns
             ours.close()
-            self.become_worker(theirs)
+            self.become_worker(theirs, serving=not standby)
         theirs.close()
-        handle = WorkerHandle(pid, Peer(ours))
+        handle = WorkerHandle(pid, Peer(ours), standby=standby)
         self.workers[pid] = handle
         self.sel.register(handle.peer, selectors.EVENT_READ, lambda p, h=handle: self.on_worker_readable(h))
-        log.info("spawned worker %d", pid)
+        log.info("spawned %s worker %d", handle.role, pid)
 
-    def become_worker(self, control: socket.socket) -> None:
+    def become_worker(self, control: socket.socket, serving: bool) -> None:
         code = WORKER_BOOT_ERROR
         try:
             signal.set_wakeup_fd(-1)
@@ -558,7 +585,7 @@ class Arbiter:
                 max_inflight=self.cfg.max_inflight, max_frame=self.cfg.max_frame,
                 graceful_timeout=self.cfg.graceful_timeout,
                 warmup_parallel=self.cfg.warmup_parallel, supervisor_pid=os.getppid(),
-                spin=self.cfg.spin)
+                spin=self.cfg.spin, serving=serving)
             assert self.listener is not None
             code = run_worker(config, self.listener, control)
         except BaseException:  # noqa: BLE001 - a worker must never return into the arbiter
@@ -607,8 +634,9 @@ class Arbiter:
             w.state = "ready" if w.state == "booting" else w.state
             w.versions = dict(msg.get("models") or {})
             self.boot_failures = 0
-            log.info("worker %d ready in %.2fs", w.pid, time.monotonic() - w.started)
-            self.close_early_door()
+            log.info("%s worker %d ready in %.2fs", w.role, w.pid, time.monotonic() - w.started)
+            if not w.standby:
+                self.close_early_door()
             for job in self.publishes.values():
                 if job.phase == "preparing":
                     self.ask_prepare(job, w)
@@ -673,7 +701,8 @@ class Arbiter:
                 self.stop_worker(w, signal.SIGKILL)
 
     def ready_workers(self) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.state == "ready"]
+        """Ready workers that accept requests (a standby is ready but not accepting)."""
+        return [w for w in self.workers.values() if w.state == "ready" and not w.standby]
 
     @property
     def ready(self) -> bool:
@@ -835,7 +864,8 @@ class Arbiter:
             "uptime": time.time() - self.started,
             "target_workers": self.target,
             "restarts": self.restarts,
-            "workers": [dict(pid=w.pid, state=w.state, uptime=now - w.started, served=w.served,
+            "workers": [dict(pid=w.pid, state=w.state, role=w.role, uptime=now - w.started,
+                             served=w.served,
                              inflight=w.inflight, versions=w.versions, **memory_of(w.pid))
                         for w in sorted(self.workers.values(), key=lambda w: w.started)],
             "models": [dict(name=m.name, version=m.current, segment=m.segment.name,

@@ -54,6 +54,7 @@ def default_state_dir() -> Path:
 class ServeConfig:
     models: list[ModelSpec] = field(default_factory=list)
     workers: int = 2
+    standby: int = 0  # warm spare workers, activated at once when an active worker dies
     socket: Path = field(default_factory=default_socket_path)
     threads: int | None = None  # intra-op threads per worker; None: max(1, cores // workers)
     max_inflight: int = 64
@@ -86,6 +87,7 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         checks: list[tuple[str, bool, str]] = [
             ("workers", 1 <= self.workers <= 256, "must be 1..256"),
+            ("standby", 0 <= self.standby <= 16, "must be 0..16"),
             ("threads", self.threads is None or 1 <= self.threads <= 1024, "must be >= 1"),
             ("max_inflight", self.max_inflight >= 1, "must be >= 1"),
             ("max_frame", 1024 <= self.max_frame <= 2**32 - 1, "must be 1 KiB .. 4 GiB"),

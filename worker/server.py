@@ -12,10 +12,16 @@ Control channel (same framing as the client protocol, ``shmcache.protocol``)::
                            {"op": "beat", "served", "inflight"}   every HEARTBEAT seconds
                            {"op": "reply", "id", "ok", ...}       answer to a request below
     supervisor -> worker   {"op": "stats", "id"}
+                           {"op": "activate"}   a standby starts accepting (see below)
                            {"op": "prepare", "id", "model", "version", "segment"}
                                map the segment, create and warm a session, reply; the
                                version is served once the supervisor flips the table
                            {"op": "drop", "model", "version"}   forget a version
+
+A *standby* worker boots, maps and warms every model like any other, then waits without
+accepting: when an active worker dies the supervisor activates it, so the replacement is ready
+in the time a message takes (its pages are the shared segment's, so a spare costs only its
+private memory).
 
 Which version serves a request is read from the shared version table (``shmcache.state``) at
 dispatch, so a flip reaches every worker at the same instant.
@@ -69,6 +75,7 @@ class WorkerConfig:
     warmup_parallel: int = 2
     supervisor_pid: int = 0
     spin: float = 0.00025  # seconds the loop stays hot after a request; 0 lets it sleep at once
+    serving: bool = True  # False: a warm standby that accepts nothing until told "activate"
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -138,7 +145,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGQUIT, os._exit, WORKER_OK)
         self.server = await loop.create_unix_server(
-            lambda: ClientConnection(self), sock=self.listener, start_serving=True)
+            lambda: ClientConnection(self), sock=self.listener, start_serving=self.config.serving)
         self.control.send({"op": "ready", "pid": os.getpid(), "models": self.current_versions()})
         beat = asyncio.ensure_future(self._heartbeat())
         await self.stopping.wait()
@@ -319,6 +326,12 @@ class Worker:
                 f"expected {model} v{version}")
         self.runtimes[model][version] = runtime
 
+    async def activate(self) -> None:
+        """A standby becomes an active worker: it starts accepting on the shared socket."""
+        if self.server is not None and not self.server.is_serving():
+            await self.server.start_serving()
+            log.info("worker %d activated", os.getpid())
+
     def drop(self, model: str, version: int) -> None:
         """Forget a version; requests still running on it keep their reference until done."""
         if version != self.current_version(model):
@@ -426,6 +439,8 @@ class ControlConnection(FramedConnection):
             asyncio.ensure_future(self.answer_prepare(rid, msg))
         elif op == "drop":
             self.worker.drop(str(msg.get("model")), int(msg.get("version", -1)))
+        elif op == "activate":
+            asyncio.ensure_future(self.worker.activate())
         else:
             self.reply_error(rid, errors.UnsupportedOp(f"unknown control op {op!r}"))
 

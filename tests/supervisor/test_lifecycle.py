@@ -300,3 +300,33 @@ def test_ping_answers_before_ready_and_infer_gets_not_ready(tmp_path: Path) -> N
     finally:
         assert d.stop() == 0
     assert d.segments() == []
+
+
+def test_standby_takes_over_at_once_and_is_replaced(
+    tmp_path: Path, model_paths: dict[str, Path]
+) -> None:
+    d = Daemon(tmp_path, model_paths, workers=2, extra=["--standby", "1"]).wait_ready()
+    try:
+        def roles() -> dict[str, list[int]]:
+            out: dict[str, list[int]] = {"active": [], "standby": []}
+            for w in d.status()["workers"]:
+                if w["state"] == "ready":
+                    out[w["role"]].append(w["pid"])
+            return out
+
+        wait_until(lambda: len(roles()["standby"]) == 1, 60, "standby ready")
+        (spare,) = roles()["standby"]
+        with Load(d, model_paths["mlp"]) as load:
+            victim = roles()["active"][0]
+            os.kill(victim, signal.SIGKILL)
+            took_over = wait_until(lambda: spare in roles()["active"], 10, "standby activated")
+            assert took_over
+            wait_until(lambda: len(roles()["standby"]) == 1 and spare not in roles()["standby"],
+                       60, "a new standby")
+            load.progress(30)
+        assert load.failures == []
+        assert len(roles()["active"]) == 2
+        assert f"activated standby worker {spare}" in d.log_text()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
