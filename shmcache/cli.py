@@ -264,6 +264,8 @@ def show_progress(args: argparse.Namespace, publishing: Any) -> None:
             elif phase == "preparing":
                 line = (f"wrote {mib(p['size'])} MiB; preparing on workers "
                         f"({p['prepared']} done, {p['waiting']} waiting)")
+            elif phase == "idle":
+                line = "asking the daemon"
             else:
                 line = "flipping"
             if line != last:
