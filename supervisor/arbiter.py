@@ -150,7 +150,7 @@ class Arbiter:
         self.prepare_ids: dict[int, tuple[str, int]] = {}  # control id -> (model, worker pid)
         self.metrics = MetricsRegistry(memory_of=memory_of)
         self.http: HttpEndpoint | None = None
-        self.locks: list[LockedSegment] = []
+        self.locks: dict[str, LockedSegment] = {}  # segment name -> its locked mapping
         self.builds: dict[str, Build] = {}
         self.workers: dict[int, WorkerHandle] = {}
         self.target = config.workers
@@ -481,7 +481,7 @@ class Arbiter:
             log.warning("model %r v%d: pre-packing impossible, serving plain shared weights with "
                         "pre-packing off (slower MatMul/Gemm): %s", build.model, build.version,
                         result["fallback"])
-        if not self.lock(owned):
+        if not self.lock(owned, build.job):
             owned.unlink()
             return
         state = self.models[build.model]
@@ -494,16 +494,27 @@ class Arbiter:
         assert self.table is not None
         self.table.flip(state.slot, build.version)
 
-    def lock(self, owned: OwnedSegment) -> bool:
-        """--lock-memory: keep the segment resident; a failure stops the daemon with the fix."""
+    def lock(self, owned: OwnedSegment, job: PublishJob | None) -> bool:
+        """--lock-memory: keep the segment resident. A failure at start stops the daemon with
+        the fix; during a publish it fails that publish and the served version stays."""
         if not self.cfg.lock_memory:
             return True
         try:
-            self.locks.append(lock_segment(owned.name, owned.size))
+            self.locks[owned.name] = lock_segment(owned.name, owned.size)
         except MemoryLockError as exc:
-            self.fail_startup(str(exc))
+            if job is not None:
+                self.fail_publish(job, str(exc))
+            else:
+                self.fail_startup(str(exc))
             return False
         return True
+
+    def release(self, segment: OwnedSegment) -> None:
+        """Unlock (if locked) and unlink a segment; its pages return once workers unmap it."""
+        lock = self.locks.pop(segment.name, None)
+        if lock is not None:
+            lock.unlock()
+        segment.unlink()
 
     def fail_startup(self, why: str) -> None:
         log.error("cannot start: %s", why)
@@ -603,7 +614,7 @@ class Arbiter:
             self.ctl_listener.close()
         if self.http is not None:
             self.http.close_after_fork()  # before sel.close: the epoll set is shared
-        self.locks = []  # the child's copies of the locked mappings go with it
+        self.locks = {}  # the child's copies of the locked mappings go with it
         self.sel.close()
         os.close(self.sig_r)
         os.close(self.sig_w)
@@ -986,7 +997,7 @@ class Arbiter:
             w.peer.send({"op": "drop", "model": job.model, "version": job.version})
         version = self.models[job.model].versions.pop(job.version, None)
         if version is not None:
-            version.segment.unlink()
+            self.release(version.segment)
         registry.remove(job.segment)
         if job.file not in self.manifest.referenced_files():
             job.file.unlink(missing_ok=True)
@@ -1007,7 +1018,7 @@ class Arbiter:
             version = state.versions.pop(number)
             for w in self.workers.values():
                 w.peer.send({"op": "drop", "model": state.name, "version": number})
-            version.segment.unlink()
+            self.release(version.segment)
             if version.file not in self.manifest.referenced_files() and \
                     version.file.is_relative_to(self.manifest.dir):
                 version.file.unlink(missing_ok=True)
@@ -1097,7 +1108,7 @@ class Arbiter:
             build.proc.kill()
             build.proc.wait()
             registry.remove(build.segment)
-        for lock in self.locks:
+        for lock in self.locks.values():
             lock.unlock()
         for m in self.models.values():
             for v in m.versions.values():

@@ -198,12 +198,26 @@ def test_bad_config_file_is_refused_naming_the_key(tmp_path: Path, text: str, ke
     assert not (tmp_path / "s.sock").exists()
 
 
+def locked_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmLck:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
 def test_lock_memory_keeps_segments_resident(tmp_path: Path, model: Path) -> None:
     d = Daemon(tmp_path, {"m": model}, workers=1, extra=["--lock-memory"]).wait_ready()
     try:
-        locked_kib = int(re.search(r"VmLck:\s+(\d+) kB",  # type: ignore[union-attr]
-                                   Path(f"/proc/{d.proc.pid}/status").read_text()).group(1))
         size = d.status()["models"][0]["size"]
-        assert locked_kib * 1024 >= size
+        assert locked_bytes(d.proc.pid) >= size
+        # Publishing twice with keep=1 drops v1: its pages must be unlocked, not held forever.
+        for seed in (5, 6):
+            path = models.save(models.mlp((32, 64, 8), seed=seed), tmp_path / f"p{seed}.onnx")
+            done = subprocess.run(
+                [sys.executable, "-m", "shmcache.cli", "publish", "m", str(path), "--socket",
+                 str(d.socket)], capture_output=True, text=True, timeout=120,
+                env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert done.returncode == 0, done.stderr
+        page = os.sysconf("SC_PAGE_SIZE")
+        rounded = -(-size // page) * page
+        assert rounded * 2 <= locked_bytes(d.proc.pid) < rounded * 3
     finally:
         assert d.stop() == 0
