@@ -30,7 +30,6 @@ DTYPES_BY_CODE: dict[int, np.dtype] = {
     TensorProto.BOOL: np.dtype("?"),
 }
 
-_CODES_BY_DTYPE: dict[np.dtype, int] = {dt: code for code, dt in DTYPES_BY_CODE.items()}
 
 
 def type_name(code: int) -> str:
@@ -49,11 +48,3 @@ def numpy_dtype_for(code: int) -> np.dtype:
             f"ONNX type {type_name(code)} cannot be held in shared memory "
             "(supported: bool, int8..int64, uint8..uint64, float16, bfloat16, float32, float64)"
         ) from None
-
-
-def onnx_code_for(dtype: np.dtype) -> int:
-    little = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else dtype
-    try:
-        return _CODES_BY_DTYPE[np.dtype(little)]
-    except KeyError:
-        raise ModelError(f"numpy dtype {dtype} has no ONNX tensor type shmcache supports") from None

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import posix_ipc
 
-from shmcache.dtypes import DTYPES_BY_CODE, onnx_code_for, numpy_dtype_for
+from shmcache.dtypes import DTYPES_BY_CODE, numpy_dtype_for
 from shmcache.errors import (
     NoSpace,
     SegmentCorrupt,
@@ -493,10 +493,6 @@ class Segment:
     def tensor_entries(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == KIND_TENSOR]
 
-    def blobs_of(self, tensor_name: str) -> list[Entry]:
-        index = self._index[tensor_name]
-        return [e for e in self.entries if e.kind == KIND_BLOB and e.parent == index]
-
     def view(self, entry: Entry) -> np.ndarray:
         """A read-only numpy view of one entry's bytes, with no copy."""
         if entry.kind != KIND_TENSOR:
@@ -646,15 +642,6 @@ def _check_parents(entries: list[Entry]) -> None:
             raise SegmentCorrupt(f"blob {entry.name!r} names a missing parent {entry.parent}")
 
 
-def read_header(name: str) -> Header:
-    """Header of a segment without attaching the rest (for `cleanup` and `inspect`)."""
-    seg = Segment.attach(name)
-    try:
-        return seg.header
-    finally:
-        seg.close()
-
-
 __all__ = [
     "Entry",
     "EntrySource",
@@ -662,6 +649,5 @@ __all__ = [
     "OwnedSegment",
     "Plan",
     "Segment",
-    "onnx_code_for",
     "write_segment",
 ]
