@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,15 @@ class Daemon:
                 return self.wait_exit(10)
         self.log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def serving(tmp: Path, models: dict[str, Path], workers: int = 2) -> Iterator[Daemon]:
+    """A ready daemon for one test; at the end it must stop cleanly and leave no segment."""
+    d = Daemon(tmp, models, workers=workers)
+    try:
+        yield d.wait_ready()
+    finally:
+        code = d.stop()
+        assert d.segments() == [], "segments left in /dev/shm"
+        assert code == 0, d.log_text()

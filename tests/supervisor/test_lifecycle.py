@@ -20,7 +20,7 @@ from onnx import helper
 import shmcache
 from shmcache import errors, registry
 from tests import models
-from tests.supervisor.daemon import Daemon, wait_until
+from tests.supervisor.daemon import Daemon, serving, wait_until
 from worker.runtime import SessionSettings
 
 
@@ -32,13 +32,8 @@ def model_paths(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def daemon(tmp_path: Path, model_paths: dict[str, Path]) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, model_paths, workers=2)
-    try:
-        yield d.wait_ready()
-    finally:
-        code = d.stop()
-        assert d.segments() == [], "segments left in /dev/shm"
-        assert code == 0, d.log_text()
+    with serving(tmp_path, model_paths) as d:
+        yield d
 
 
 class Load:

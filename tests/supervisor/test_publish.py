@@ -19,7 +19,7 @@ from onnx import numpy_helper
 import shmcache
 from shmcache import errors
 from tests import models
-from tests.supervisor.daemon import ROOT, Daemon, wait_until
+from tests.supervisor.daemon import ROOT, Daemon, serving, wait_until
 from worker.runtime import SessionSettings
 
 SIZES = (64, 256, 32)
@@ -41,13 +41,8 @@ def weights(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def daemon(tmp_path: Path, weights: dict[str, Path]) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2)
-    try:
-        yield d.wait_ready()
-    finally:
-        code = d.stop()
-        assert d.segments() == [], "segments left in /dev/shm"
-        assert code == 0, d.log_text()
+    with serving(tmp_path, {"m": weights["A"]}) as d:
+        yield d
 
 
 def reference(path: Path) -> ort.InferenceSession:
