@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -221,3 +222,27 @@ def test_lock_memory_keeps_segments_resident(tmp_path: Path, model: Path) -> Non
         assert rounded * 2 <= locked_bytes(d.proc.pid) < rounded * 3
     finally:
         assert d.stop() == 0
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shmcache.cli", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_health_and_status_commands(tmp_path: Path, model: Path) -> None:
+    sock = str(tmp_path / "d.sock")
+    down = cli("health", "--socket", sock)
+    assert down.returncode == 1 and "not live" in down.stderr
+    d = Daemon(tmp_path, {"m": model}, workers=1).wait_ready()
+    try:
+        assert cli("health", "--socket", sock).returncode == 0
+        ready = cli("health", "--ready", "--socket", sock)
+        assert ready.returncode == 0 and ready.stdout.strip() == "ready"
+        status = json.loads(cli("status", "--json", "--socket", sock).stdout)
+        assert status["ready"] is True and status["models"][0]["name"] == "m"
+        assert {"pid", "state", "role", "uss", "pss", "shared", "versions"} <= set(status["workers"][0])
+        table = cli("status", "--socket", sock).stdout
+        assert "private (USS) MiB" in table and "m=v1" in table
+    finally:
+        assert d.stop() == 0
+    assert cli("health", "--socket", sock).returncode == 1
