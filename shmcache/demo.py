@@ -105,8 +105,9 @@ def print_report(latencies: list[float], versions: dict[int, int], wrong: int,
     workers = status["workers"]
     assert isinstance(workers, list)
     print(format_table(
-        [(w["pid"], w["served"], mib(w["shared"]), mib(w["uss"]), mib(w["pss"])) for w in workers],
-        ["worker pid", "served", "shared MiB", "private (USS) MiB", "PSS MiB"]))
+        [(w["pid"], w.get("role", "active"), w["served"], mib(w["shared"]), mib(w["uss"]),
+          mib(w["pss"])) for w in workers],
+        ["worker pid", "role", "served", "shared MiB", "private (USS) MiB", "PSS MiB"]))
     models = status["models"]
     assert isinstance(models, list)
     for m in models:

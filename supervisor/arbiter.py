@@ -93,6 +93,7 @@ class WorkerHandle:
     versions: dict[str, int] = field(default_factory=dict)
     retiring: bool = False  # to be replaced by a reload
     standby: bool = False  # warm, not accepting, until activated to replace an active worker
+    catching_up: set[int] = field(default_factory=set)  # a standby's prepares after a flip
 
     @property
     def role(self) -> str:
@@ -148,6 +149,7 @@ class Arbiter:
         self.manifest = Manifest(config.state_dir)
         self.publishes: dict[str, PublishJob] = {}
         self.prepare_ids: dict[int, tuple[str, int]] = {}  # control id -> (model, worker pid)
+        self.catch_up_ids: dict[int, tuple[str, int]] = {}  # control id -> (model, version)
         self.metrics = MetricsRegistry(memory_of=memory_of)
         self.http: HttpEndpoint | None = None
         self.locks: dict[str, LockedSegment] = {}  # segment name -> its locked mapping
@@ -525,21 +527,27 @@ class Arbiter:
 
     def manage_workers(self) -> None:
         """Reconcile the workers with the target count and any reload in progress, then keep
-        the configured number of warm standbys."""
+        the configured number of warm standbys. A standby boots only when no active worker
+        does: a spare must never slow the workers that serve."""
         self.manage_active_workers()
         standbys = [w for w in self.workers.values() if w.standby and w.state != "stopping"]
-        if not self.reloading:
-            for _ in range(self.cfg.standby - len(standbys)):
+        booting = any(w.state == "booting" and not w.standby for w in self.workers.values())
+        if not self.reloading and not booting:
+            for _ in range(self.cfg.spares() - len(standbys)):
                 self.spawn_worker(standby=True)
 
     def activate_standby(self) -> bool:
-        """Promote a ready standby to active: a replacement ready as fast as a message goes."""
+        """Promote a ready standby to active: a replacement ready as fast as a message goes.
+        A standby still preparing the version just flipped to is passed over."""
         for w in self.workers.values():
-            if w.standby and w.state == "ready" and not w.retiring:
+            if w.standby and w.state == "ready" and not w.retiring and not w.catching_up:
                 w.standby = False
                 w.peer.send({"op": "activate"})
                 log.info("activated standby worker %d", w.pid)
                 self.close_early_door()
+                for job in self.publishes.values():  # it is active now: the flip waits for it
+                    if job.phase == "preparing":
+                        self.ask_prepare(job, w)
                 return True
         return False
 
@@ -569,10 +577,20 @@ class Arbiter:
 
     def spawn_worker(self, standby: bool = False) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            ours.close()
-            self.become_worker(theirs, serving=not standby)
+        # Our signals stay blocked across fork: a TERM that reached the child before it reset
+        # its handlers would run ours there, be "queued" into nothing, and the child would
+        # boot and wait for a stop that already came. Blocked, it stays pending in the child
+        # until run_worker restores the default action and unblocks it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        pid = -1
+        try:
+            pid = os.fork()
+            if pid == 0:  # child: never returns
+                ours.close()
+                self.become_worker(theirs, serving=not standby)
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         theirs.close()
         handle = WorkerHandle(pid, Peer(ours), standby=standby)
         self.workers[pid] = handle
@@ -648,15 +666,17 @@ class Arbiter:
             log.info("%s worker %d ready in %.2fs", w.role, w.pid, time.monotonic() - w.started)
             if not w.standby:
                 self.close_early_door()
-            for job in self.publishes.values():
-                if job.phase == "preparing":
-                    self.ask_prepare(job, w)
+                for job in self.publishes.values():
+                    if job.phase == "preparing":
+                        self.ask_prepare(job, w)
         elif op == "beat":
             w.served = int(msg.get("served", 0))
             w.inflight = int(msg.get("inflight", 0))
             self.metrics.update_worker(w.pid, msg.get("requests"), inflight=w.inflight)
         elif op == "reply" and msg.get("id") in self.prepare_ids:
             self.on_prepared(w, msg)
+        elif op == "reply" and msg.get("id") in self.catch_up_ids:
+            self.on_caught_up(w, msg)
         elif op == "boot_failed":
             log.error("worker %d failed to boot: %s", w.pid, msg.get("reason"))
         elif op == "reply" and msg.get("ok"):
@@ -676,6 +696,8 @@ class Arbiter:
                 continue
             del self.workers[pid]
             self.drop_peer(w.peer)
+            for rid in w.catching_up:
+                self.catch_up_ids.pop(rid, None)
             self.metrics.worker_gone(pid)
             for job in list(self.publishes.values()):
                 if pid in job.waiting:
@@ -929,8 +951,12 @@ class Arbiter:
         self.start_build(model, path, version, extra, job)
 
     def start_prepare(self, job: PublishJob, size: int) -> None:
+        """Ask every active worker to prepare. Standbys do not take part: a third session
+        creation on a busy host would delay the flip; they catch up after it."""
         job.phase, job.built_at, job.size = "preparing", time.monotonic(), size
         for w in self.workers.values():
+            if w.standby:
+                continue
             if w.state == "ready":
                 self.ask_prepare(job, w)
             elif w.state == "booting":
@@ -961,7 +987,8 @@ class Arbiter:
 
     def maybe_commit(self, job: PublishJob) -> None:
         """Flip once every live worker has the new version warm (none waiting, none missing)."""
-        live = {w.pid for w in self.workers.values() if w.state in ("booting", "ready")}
+        live = {w.pid for w in self.workers.values()
+                if w.state in ("booting", "ready") and not w.standby}
         if job.phase != "preparing" or job.waiting or not live <= job.prepared:
             return
         state = self.models[job.model]
@@ -980,6 +1007,36 @@ class Arbiter:
         job.peer.send(protocol.ok_result(job.request_id, model=job.model, version=job.version,
                                          previous=previous, timings=timings))
         self.drop_surplus_versions(state)
+        self.catch_up_standbys(job)
+
+    def catch_up_standbys(self, job: PublishJob) -> None:
+        """After a flip, every standby prepares the new version, at low priority (nothing waits
+        for it); until it has, it is not activated (a dead worker gets a cold replacement). A standby still booting
+        maps the segments it was spawned with, which may lack the new one: replace it."""
+        for w in list(self.workers.values()):
+            if not w.standby or w.state == "stopping":
+                continue
+            if w.state == "booting":
+                self.stop_worker(w)
+                continue
+            rid = self.next_control_id
+            self.next_control_id += 1
+            self.catch_up_ids[rid] = (job.model, job.version)
+            w.catching_up.add(rid)
+            w.peer.send({"op": "prepare", "id": rid, "model": job.model, "version": job.version,
+                         "segment": job.segment, "background": True})
+
+    def on_caught_up(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
+        model, version = self.catch_up_ids.pop(msg["id"])
+        w.catching_up.discard(msg["id"])
+        if msg.get("ok"):
+            log.info("standby worker %d prepared %s v%d", w.pid, model, version)
+            return
+        # e.g. a later publish already dropped that version's segment
+        error = msg.get("error") or {}
+        log.warning("standby worker %d could not prepare %s v%d (%s); replacing it", w.pid,
+                    model, version, error.get("message", "unknown error"))
+        self.stop_worker(w)
 
     def fail_publish(self, job: PublishJob, why: str) -> None:
         """Nothing flips; the new version is forgotten everywhere and its segment unlinked."""

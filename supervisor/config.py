@@ -54,7 +54,7 @@ def default_state_dir() -> Path:
 class ServeConfig:
     models: list[ModelSpec] = field(default_factory=list)
     workers: int = 2
-    standby: int = 0  # warm spare workers, activated at once when an active worker dies
+    standby: int | None = None  # warm spares taking over a dead worker; None: see spares()
     socket: Path = field(default_factory=default_socket_path)
     threads: int | None = None  # intra-op threads per worker; None: max(1, cores // workers)
     max_inflight: int = 64
@@ -79,6 +79,15 @@ class ServeConfig:
     def control_socket(self) -> Path:
         return control_socket_path(self.socket)
 
+    def spares(self) -> int:
+        """Warm standby workers to keep. By default one when segments are pre-packed: a cold
+        replacement then pays ONNX Runtime's re-pack of every weight at session creation
+        (about half a naive load), while a spare maps the same shared pages and takes over in
+        milliseconds for the cost of one more process's private memory."""
+        if self.standby is not None:
+            return self.standby
+        return 1 if self.prepack and self.optimization != "disabled" else 0
+
     def intra_threads(self) -> int:
         if self.threads is not None:
             return self.threads
@@ -87,7 +96,7 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         checks: list[tuple[str, bool, str]] = [
             ("workers", 1 <= self.workers <= 256, "must be 1..256"),
-            ("standby", 0 <= self.standby <= 16, "must be 0..16"),
+            ("standby", self.standby is None or 0 <= self.standby <= 16, "must be 0..16"),
             ("threads", self.threads is None or 1 <= self.threads <= 1024, "must be >= 1"),
             ("max_inflight", self.max_inflight >= 1, "must be >= 1"),
             ("max_frame", 1024 <= self.max_frame <= 2**32 - 1, "must be 1 KiB .. 4 GiB"),

@@ -13,9 +13,12 @@ Control channel (same framing as the client protocol, ``shmcache.protocol``)::
                            {"op": "reply", "id", "ok", ...}       answer to a request below
     supervisor -> worker   {"op": "stats", "id"}
                            {"op": "activate"}   a standby starts accepting (see below)
-                           {"op": "prepare", "id", "model", "version", "segment"}
+                           {"op": "prepare", "id", "model", "version", "segment",
+                            "background"?}
                                map the segment, create and warm a session, reply; the
-                               version is served once the supervisor flips the table
+                               version is served once the supervisor flips the table.
+                               background: a standby catching up after a flip; the work
+                               runs in a thread of lower priority (see prepare())
                            {"op": "drop", "model", "version"}   forget a version
 
 A *standby* worker boots, maps and warms every model like any other, then waits without
@@ -40,10 +43,12 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from shmcache import errors, protocol
 from shmcache.state import VersionTable
@@ -58,6 +63,9 @@ WORKER_LOST_SUPERVISOR = 4
 HEARTBEAT = 1.0
 INLINE_BELOW = 0.0005  # seconds: models typically faster than this run on the loop thread
 PR_SET_PDEATHSIG = 1
+BACKGROUND_NICE = 10  # added to a background prepare thread's nice value
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -309,8 +317,16 @@ class Worker:
                        for m, v in self.runtimes.items()},
         }
 
-    async def prepare(self, model: str, version: int, segment: str) -> None:
-        """Map and warm a new version off the loop; it serves once the table is flipped."""
+    async def prepare(self, model: str, version: int, segment: str,
+                      background: bool = False) -> None:
+        """Map and warm a new version off the loop; it serves once the table is flipped.
+
+        ``background`` (a standby catching up after a flip, nothing waits for it): the session
+        is created in a thread whose nice value is raised, so on a busy host the re-pack of
+        every weight takes only idle CPU from the active workers. Only with one intra-op
+        thread: ORT's pool threads are created by this thread and would inherit its nice value,
+        and an unprivileged process cannot lower it again once the spare becomes active.
+        """
         if model not in self.runtimes:
             raise errors.UnknownModel(f"no model {model!r}")
         loop = asyncio.get_running_loop()
@@ -319,7 +335,10 @@ class Worker:
             await asyncio.sleep(delay)
         # Strict when the served version warms up: a new version that cannot is a regression.
         strict = any(r.warmed for r in self.runtimes[model].values())
-        runtime = await loop.run_in_executor(None, self._open_and_warm, segment, strict)
+        if background and self.config.settings.intra_op_threads == 1:
+            runtime = await in_niced_thread(self._open_and_warm, segment, strict)
+        else:
+            runtime = await loop.run_in_executor(None, self._open_and_warm, segment, strict)
         if runtime.version != version or runtime.model != model:
             raise errors.PublishFailed(
                 f"segment {segment!r} holds {runtime.model} v{runtime.version}, "
@@ -446,7 +465,8 @@ class ControlConnection(FramedConnection):
 
     async def answer_prepare(self, rid: object, msg: dict[str, Any]) -> None:
         try:
-            await self.worker.prepare(str(msg["model"]), int(msg["version"]), str(msg["segment"]))
+            await self.worker.prepare(str(msg["model"]), int(msg["version"]), str(msg["segment"]),
+                                      background=bool(msg.get("background")))
         except Exception as exc:  # any failure vetoes the publish; the worker keeps serving
             self.reply_error(rid, exc)
             return
@@ -461,6 +481,35 @@ class ControlConnection(FramedConnection):
         # The supervisor is gone (or closed our channel): nobody coordinates us any more.
         log.warning("worker %d lost its supervisor; exiting", os.getpid())
         os._exit(WORKER_LOST_SUPERVISOR)
+
+
+async def in_niced_thread(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a new thread that first raises its own nice value by BACKGROUND_NICE
+    (Linux: nice is per thread, set through the thread id); the result, awaited."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def body() -> None:
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=body, name="prepare-background", daemon=True).start()
+    return await done
 
 
 def run_worker(config: WorkerConfig, listener: socket.socket, control: socket.socket) -> int:

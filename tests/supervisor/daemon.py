@@ -83,8 +83,10 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return self.control("status")
 
-    def worker_pids(self, state: str | None = "ready") -> list[int]:
-        return [w["pid"] for w in self.status()["workers"] if state is None or w["state"] == state]
+    def worker_pids(self, state: str | None = "ready", role: str | None = "active") -> list[int]:
+        """Pids of the workers in ``state`` with ``role`` ("active", "standby"; None: any)."""
+        return [w["pid"] for w in self.status()["workers"]
+                if (state is None or w["state"] == state) and (role is None or w["role"] == role)]
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

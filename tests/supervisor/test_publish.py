@@ -289,3 +289,28 @@ def test_worker_killed_during_prepare_aborts_the_publish(
     finally:
         assert d.stop() == 0
     assert d.segments() == []
+
+
+def test_standby_catches_up_after_a_flip_and_takes_over_on_the_new_version(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """The default warm spare is left out of the prepare (the flip does not wait for it), then
+    prepares the new version; a worker dying afterwards is replaced by it, serving the new
+    version only."""
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2).wait_ready()  # default: one standby
+    try:
+        (spare,) = wait_until(lambda: d.worker_pids(role="standby"), 60, "standby ready")
+        assert publish(d, weights["B"]).returncode == 0
+        wait_until(lambda: f"standby worker {spare} prepared m v2" in d.log_text(), 60,
+                   "standby caught up")
+        os.kill(d.worker_pids()[0], signal.SIGKILL)
+        wait_until(lambda: spare in d.worker_pids(), 10, "standby activated")
+        x = np.ones((1, 64), np.float32)
+        expected = reference(weights["B"]).run(None, {"x": x})[0]
+        for _ in range(20):  # whichever active worker answers, the former spare or not
+            y, version = call(d, x)
+            assert version == 2 and y.tobytes() == expected.tobytes()
+        assert f"activated standby worker {spare}" in d.log_text()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []

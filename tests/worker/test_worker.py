@@ -348,3 +348,25 @@ def test_prepacked_segment_carries_blobs(tmp_path: Path) -> None:
             assert blobs and all(seg.entries[b.parent].name in ("w0", "w1") for b in blobs)
     finally:
         owned.unlink()
+
+
+def test_background_prepare_runs_in_a_thread_of_lower_priority() -> None:
+    """A standby's catch-up must yield the CPU to serving: its thread's nice value is raised,
+    the caller's is not, and the thread's result or exception comes back to the awaiter."""
+    from worker.server import BACKGROUND_NICE, in_niced_thread
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def fail() -> None:
+        raise ValueError("boom")
+
+    async def scenario() -> tuple[int, int]:
+        niced = await in_niced_thread(own_nice)
+        with pytest.raises(ValueError, match="boom"):
+            await in_niced_thread(fail)
+        return niced, own_nice()
+
+    before = own_nice()
+    niced, after = asyncio.run(scenario())
+    assert niced == min(19, before + BACKGROUND_NICE) and after == before
