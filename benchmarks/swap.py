@@ -104,6 +104,18 @@ def client_loop(sock: Path, inputs: list[np.ndarray], stop: threading.Event, out
         client.close()
 
 
+def phase_windows(publishes: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Each publish's write and prepare windows on our clock: start -> start + write, then on
+    to the publisher's return (the flip plus one reply's transit)."""
+    out: dict[str, list[tuple[float, float]]] = {"write": [], "prepare": []}
+    for p in publishes:
+        if p["reply"]:
+            built = p["start"] + p["reply"]["timings"]["write"]
+            out["write"].append((p["start"], built))
+            out["prepare"].append((built, p["returned"]))
+    return out
+
+
 def references(path: Path, options: ort.SessionOptions, inputs: list[np.ndarray]) -> list[bytes]:
     s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return [digest(s.run(None, {"x": x})[0]) for x in inputs]
@@ -219,9 +231,14 @@ def main() -> int:
                                      ("total (start -> flip)", total))],
                     ["phase", "p50 s", "max s"]))
     print()
+    phases = phase_windows(publishes)
+    in_phase = {name: [c.done - c.sent for c in everything
+                       if any(a <= c.sent < b for a, b in phases[name])] for name in phases}
     lat = [["steady state (before the first publish)", len(steady)],
-           ["during swaps (first publish start -> last return)", len(swapping)]]
-    for row, v in zip(lat, (steady, swapping)):
+           ["during swaps (first publish start -> last return)", len(swapping)],
+           ["  of which sent while a segment was written", len(in_phase["write"])],
+           ["  of which sent while workers prepared", len(in_phase["prepare"])]]
+    for row, v in zip(lat, (steady, swapping, in_phase["write"], in_phase["prepare"])):
         row += [f"{percentile(v, 50) * 1e3:.2f}", f"{percentile(v, 99) * 1e3:.2f}",
                 f"{max(v) * 1e3:.2f}"] if v else ["-", "-", "-"]
     ratio99 = percentile(swapping, 99) / percentile(steady, 99) if steady and swapping else float("nan")
