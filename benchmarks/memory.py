@@ -61,6 +61,10 @@ PREPACK_REASON = ("pre-packed segment = optimized graph + original weights + pre
                   "ORT maps and reads every original at each session creation to re-pack it and "
                   "adopt the stored blob only if the hashes match (NOTES-prepack.md answer 4; "
                   "holes there give wrong outputs), so both forms stay in /dev/shm")
+# Workers are measured at rest: an idle worker returns its working memory to the OS after
+# worker.heap.IDLE_SECONDS (checked on each 1 s heartbeat); the USS just after the last call is
+# printed too.
+AT_REST = 3.0
 MODES = {"pre-packed": [], "no-prepack": ["--no-prepack"]}
 
 NAIVE = r"""
@@ -128,6 +132,8 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
         daemon.wait_ready()
         notes = drive_workers(daemon, model, shape, n)
         status = settled_status(daemon)
+        busy = [smaps_memory(w["pid"]) for w in status["workers"] if w["role"] == "active"]
+        time.sleep(AT_REST)
         per_worker = [smaps_memory(w["pid"]) for w in status["workers"] if w["role"] == "active"]
         spares = [smaps_memory(w["pid"]) for w in status["workers"] if w["role"] != "active"]
         everyone = per_worker + spares + [smaps_memory(daemon.proc.pid)]
@@ -144,6 +150,7 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
                      + next(line for line in log.splitlines() if "pre-packing impossible" in line))
     return {
         "uss": np.mean([m["uss"] for m in per_worker]),
+        "uss_busy": np.mean([m["uss"] for m in busy]),
         "pss": np.mean([m["pss"] for m in per_worker]),
         "uss_out": np.mean([m["uss"] - m["seg_uss"] for m in per_worker]),
         "total": sum(m["pss"] - m["seg_pss"] for m in everyone) + seg_pages,
@@ -170,6 +177,7 @@ def measure_naive(path: Path, workers: int, shape: list[int], n: int) -> dict:
             p.stdin.close()
             p.wait()
     return {"uss": np.mean([m["uss"] for m in mem]), "pss": np.mean([m["pss"] for m in mem]),
+            "uss_busy": np.mean([m["uss"] for m in mem]),
             "uss_out": np.mean([m["uss"] for m in mem]),
             "total": sum(m["pss"] for m in mem), "literal": sum(m["pss"] for m in mem),
             "seg_pages": 0, "seg_size": 0, "notes": [], "spares": 0, "spare_uss_out": 0}
@@ -225,17 +233,19 @@ def main() -> int:
                 rows.append([name, kind, workers, mib(r["uss"]), mib(r["pss"]), mib(r["uss_out"]),
                              mib(base["uss"]), mib(attributable),
                              f"{attributable / sizes[name] * 100:.1f}%", met,
+                             mib(r["uss_busy"] - base["uss_busy"]),
                              mib(r["seg_size"]), mib(r["seg_pages"]), mib(r["total"]),
                              mib(r["literal"])])
     print(f"memory per worker after warm-up + {args.inferences} inferences each, all processes "
-          f"alive; MiB. MLP {mib(sizes['mlp'])} MiB file"
+          f"alive, measured {AT_REST:.0f} s after the last call (at rest); MiB. MLP {mib(sizes['mlp'])} MiB file"
           + (f", Conv {mib(sizes['conv'])} MiB file" if "conv" in names else "") + ".")
     print("empty = same mode and worker count serving only the tiny model (naive: a naive process "
           "on the tiny model); attributable = USS - empty USS; total = sum(PSS outside /dev/shm) "
           "over supervisor + workers + segment pages (each page once); literal = sum(PSS) + "
-          "segment pages (mapped segment pages twice)")
+          "segment pages (mapped segment pages twice); just after = attributable measured "
+          "right after the last call, before idle workers return their working memory")
     print(table(rows, ["model", "mode", "N", "USS", "PSS", "USS outside shm", "empty USS",
-                       "attributable", "of model", "<=2% met", "segment size",
+                       "attributable", "of model", "<=2% met", "just after", "segment size",
                        "segment pages", "total", "literal"]))
     print()
     if 4 in args.workers:

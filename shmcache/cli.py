@@ -143,6 +143,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="keep segments resident (mlock); needs RLIMIT_MEMLOCK / LimitMEMLOCK=")
     p.add_argument("--prepack", dest="prepack", action=argparse.BooleanOptionalAction, default=None,
                    help="store ONNX Runtime's pre-packed weights in the segment (default on)")
+    p.add_argument("--release-memory", dest="release_memory",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="idle workers return their working memory to the OS instead of "
+                        "keeping it in ONNX Runtime's arena (default on)")
     add_socket_arg(p)
 
 

@@ -72,6 +72,7 @@ class ServeConfig:
     group: str | None = None
     metrics_address: str | None = None
     lock_memory: bool = False
+    release_memory: bool = True  # idle workers return working memory to the OS (no ORT arena)
     spin: float = 0.00025  # seconds a worker stays on the CPU after a request (0: never)
     log_level: str = "info"
 

@@ -70,6 +70,7 @@ class SessionSettings:
     intra_op_threads: int = 1
     optimization: str = "all"  # basic | extended | all
     disable_prepacking: bool = True
+    memory_arena: bool = False  # ORT's CPU arena keeps each worker's peak working memory
 
     def options(self, prepacked: bool = False) -> ort.SessionOptions:
         """Options for a session; ``prepacked`` segments keep pre-packing on to load the blobs."""
@@ -82,6 +83,9 @@ class SessionSettings:
         # 2 cores, intra=2 with spinning 31 inf/s, without 42).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        # Without ORT's arena a run's working memory goes back to malloc, and a worker
+        # that also fixes malloc's mmap threshold (release_freed_memory) returns it to the OS.
+        so.enable_cpu_mem_arena = self.memory_arena
         if self.disable_prepacking and not prepacked:
             so.add_session_config_entry("session.disable_prepacking", "1")
         return so

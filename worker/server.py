@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 
 from shmcache import errors, protocol
 from shmcache.state import VersionTable
+from worker.heap import IdleHeapTrimmer
 from worker.runtime import ModelRuntime, SessionSettings
 from worker.stats import RequestStats
 
@@ -107,6 +108,7 @@ class Worker:
         self.connections: set[ClientConnection] = set()
         self.pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="infer")
         self.request_stats = RequestStats()
+        self.heap = IdleHeapTrimmer(enabled=not config.settings.memory_arena)
         self.stopping = asyncio.Event()
         self.hot_until = 0.0
         self.spinning = False
@@ -155,6 +157,7 @@ class Worker:
         self.server = await loop.create_unix_server(
             lambda: ClientConnection(self), sock=self.listener, start_serving=self.config.serving)
         self.control.send({"op": "ready", "pid": os.getpid(), "models": self.current_versions()})
+        self.heap.note_activity()  # session creation's leftovers go back once idle
         beat = asyncio.ensure_future(self._heartbeat())
         await self.stopping.wait()
         beat.cancel()
@@ -164,6 +167,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT)
+            self.heap.maybe_trim(self.inflight)
             if self.control is not None:
                 self.control.send({"op": "beat", "served": self.served, "inflight": self.inflight,
                                    "requests": self.request_stats.snapshot()})
@@ -291,6 +295,7 @@ class Worker:
         self.inflight -= 1
         conn.inflight -= 1
         self.served += 1
+        self.heap.note_activity()
         exc = future.exception()
         elapsed = time.perf_counter() - started
         self.request_stats.record(runtime.model, runtime.version,
@@ -344,6 +349,7 @@ class Worker:
                 f"segment {segment!r} holds {runtime.model} v{runtime.version}, "
                 f"expected {model} v{version}")
         self.runtimes[model][version] = runtime
+        self.heap.note_activity()
 
     async def activate(self) -> None:
         """A standby becomes an active worker: it starts accepting on the shared socket."""
