@@ -5,9 +5,11 @@ naive workers that each load their own session, all in the same run.
 For a 256 MiB MLP (4 x 4096x4096 float32, batch 32) and a Conv model (3x3 convs, channels
 3->64->256->512->512 on 1x3x32x32, batch 1), with 1, 2 and 4 workers, in both segment modes
 (default: pre-packed; ``--no-prepack``: plain shared weights, pre-packing off), prints per worker
-USS and PSS after the worker's warm-up and 100 inferences each, the segment's allocated pages in
-/dev/shm, and the same figures for N naive processes (``InferenceSession(file.onnx)`` with ORT's
-default options, 100 inferences), every process of a configuration alive while measured.
+USS and PSS after the worker's warm-up and 100 inferences each (at rest: AT_REST seconds after
+the last call, once an idle worker has returned its working memory; see worker/heap.py), the
+segment's allocated pages in /dev/shm, and the same figures for N naive processes
+(``InferenceSession(file.onnx)`` with ORT's default options, 100 inferences), every process of a
+configuration alive while measured.
 
 Baselines, measured in the same run and the same way:
 
@@ -42,6 +44,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -93,19 +96,39 @@ def feed_shape(name: str, mlp_width: int) -> list[int]:
 
 
 def drive_workers(daemon: ServeDaemon, model: str, shape: list[int], n: int) -> list[str]:
-    """Send ``n`` inferences per connection until every worker has served at least ``n``
-    (the kernel hands each new connection to one worker, so open connections until all got some)."""
+    """Send inferences until every active worker has served at least ``n``.
+
+    The kernel hands each new connection to one worker, whichever accepts first; connections
+    opened one after the other mostly land on the same idle worker. So each round opens one
+    connection per worker at once, from threads, each sending until its worker has ``n``."""
     x = np.random.default_rng(0).random(shape, np.float32)
     notes: list[str] = []
-    for _ in range(60):
-        workers = [w for w in daemon.status()["workers"] if w["role"] == "active"]
-        if all(w["served"] >= n for w in workers):
-            return notes
+
+    def served() -> dict[int, int]:
+        return {w["pid"]: w["served"] for w in daemon.status()["workers"] if w["role"] == "active"}
+
+    def feed(done: threading.Event) -> None:
         with Client(daemon.sock, timeout=120.0) as client:
             for _ in range(n):
+                if done.is_set():
+                    return
                 client.run(model, None, {"x": x})
-    notes.append(f"{model}: not every worker reached {n} inferences: "
-                 f"{[(w['pid'], w['served']) for w in daemon.status()['workers']]}")
+
+    for _ in range(20):
+        counts = served()
+        if all(c >= n for c in counts.values()):
+            return notes
+        done = threading.Event()
+        threads = [threading.Thread(target=feed, args=(done,)) for _ in counts]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            if all(c >= n for c in served().values()):
+                done.set()
+            time.sleep(0.2)
+        for t in threads:
+            t.join()
+    notes.append(f"{model}: not every worker reached {n} inferences: {served()}")
     return notes
 
 
