@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (ServeDaemon, make_mlp, make_tiny, measure, percentile,  # noqa: E402
                                shm_leftovers, table)
 from shmcache import Client  # noqa: E402
-from worker.runtime import SessionSettings  # noqa: E402
+from worker.runtime import SessionSettings, spinning_pays  # noqa: E402
 
 RATIO_TARGET = 1.05
 MODES = {"pre-packed": [], "no-prepack": ["--no-prepack"]}
@@ -64,7 +64,9 @@ def ms(seconds: float) -> str:
 
 def main() -> int:
     args = parse_args()
-    settings = SessionSettings(intra_op_threads=args.threads)
+    # The daemon's own options for one worker with these threads.
+    settings = SessionSettings(intra_op_threads=args.threads,
+                               allow_spinning=spinning_pays(1, args.threads))
     daemons: dict[str, ServeDaemon] = {}
     clients: dict[str, Client] = {}
     notes: list[str] = []
@@ -129,7 +131,7 @@ def main() -> int:
                 **{mode: (lambda c=c: c.run("mlp", None, feed)) for mode, c in clients.items()},
             }, args.calls, args.mlp_block)
             for mode, d in daemons.items():
-                if len(d.status()["workers"]) != 1:
+                if len([w for w in d.status()["workers"] if w["role"] == "active"]) != 1:
                     notes.append(f"WARNING {mode}: workers changed: {d.status()['workers']}")
         finally:
             for c in clients.values():

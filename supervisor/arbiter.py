@@ -602,16 +602,17 @@ class Arbiter:
         try:
             signal.set_wakeup_fd(-1)
             self.close_inherited()
-            from worker.runtime import SessionSettings
+            from worker.runtime import SessionSettings, spinning_pays
             from worker.server import WorkerConfig, run_worker
 
             config = WorkerConfig(
                 models={m.name: m.segments() for m in self.models.values()},
                 version_table=self.table.name if self.table else None,
                 slots={m.name: m.slot for m in self.models.values()},
-                settings=SessionSettings(intra_op_threads=self.cfg.intra_threads(),
-                                         optimization=self.cfg.optimization,
-                                         memory_arena=not self.cfg.release_memory),
+                settings=SessionSettings(
+                    intra_op_threads=self.cfg.intra_threads(), optimization=self.cfg.optimization,
+                    memory_arena=not self.cfg.release_memory,
+                    allow_spinning=spinning_pays(self.target, self.cfg.intra_threads())),
                 max_inflight=self.cfg.max_inflight, max_frame=self.cfg.max_frame,
                 graceful_timeout=self.cfg.graceful_timeout,
                 warmup_parallel=self.cfg.warmup_parallel, supervisor_pid=os.getppid(),

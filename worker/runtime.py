@@ -71,6 +71,7 @@ class SessionSettings:
     optimization: str = "all"  # basic | extended | all
     disable_prepacking: bool = True
     memory_arena: bool = False  # ORT's CPU arena keeps each worker's peak working memory
+    allow_spinning: bool = False  # see spinning_pays()
 
     def options(self, prepacked: bool = False) -> ort.SessionOptions:
         """Options for a session; ``prepacked`` segments keep pre-packing on to load the blobs."""
@@ -79,10 +80,9 @@ class SessionSettings:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = OPT_LEVELS[self.optimization]
-        # Spinning threads burn the cores that the other workers need (RESEARCH.md: 2 workers on
-        # 2 cores, intra=2 with spinning 31 inf/s, without 42).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        spin = "1" if self.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         # Without ORT's arena a run's working memory goes back to malloc, and a worker
         # that also fixes malloc's mmap threshold (release_freed_memory) returns it to the OS.
         so.enable_cpu_mem_arena = self.memory_arena
@@ -97,6 +97,19 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+def spinning_pays(workers: int, threads: int) -> bool:
+    """Whether ORT's pool threads may spin between parallel sections (ORT's default).
+
+    Only when the workers' threads fit the cores: oversubscribed, spinning threads burn the
+    cores the other workers need (RESEARCH.md: 2 workers x 2 threads on 2 cores, 31 inf/s
+    spinning, 42 without). When they fit, each worker's pool has cores of its own, and
+    spinning makes a worker 5-8 % faster (256 MiB MLP at batch 32, 1 worker x 2 threads on 2
+    cores, A/B against a daemon without it, two runs). With one thread there is no pool and
+    it changes nothing.
+    """
+    return threads > 1 and workers * threads <= (os.cpu_count() or 1)
 
 
 def default_threads(workers: int) -> int:
