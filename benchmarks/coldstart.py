@@ -229,7 +229,7 @@ def main() -> int:
     leaked = shm_leftovers(sockets)
     base = med(naive)
 
-    def row(label: str, values: list[float]) -> list[str]:
+    def row(label: str, values: list[float]) -> list[object]:
         return [label, len(values), f"{med(values):.3f}", f"{min(values):.3f}",
                 f"{max(values):.3f}", f"{med(values) / base:.2f}"]
 

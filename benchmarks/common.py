@@ -10,10 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from shmcache import Client
 
 
 def make_mlp(path: Path, mib: int = 256, batch_dim: str = "batch") -> Path:
@@ -96,12 +100,15 @@ class Daemon:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.start_to_ready: float | None = None
 
-    def control(self):  # -> shmcache.Client, imported lazily: the client pulls numpy only
+    def control(self) -> Client:  # imported lazily: the client pulls numpy only
         from shmcache import Client
 
         return Client(self.ctl, timeout=5.0, connect_timeout=1.0)
 
-    def wait_ready(self, timeout: float = 300.0, poll: float = 0.005) -> float:
+    def wait_ready(self, timeout: float = 300.0, poll: float = 0.005, settle: bool = True) -> float:
+        """Seconds from start to ready; then, with ``settle``, also waits for the warm standby
+        (which boots after the active workers are ready) so that no benchmark measures a
+        daemon with a process still loading on the same cores."""
         deadline = time.perf_counter() + timeout
         with self.control() as ctl:
             while time.perf_counter() < deadline:
@@ -110,11 +117,23 @@ class Daemon:
                 try:
                     if ctl.request("health")["ready"]:
                         self.start_to_ready = time.perf_counter() - self.started
+                        if settle:
+                            self.wait_settled(deadline)
                         return self.start_to_ready
                 except Exception:  # not listening yet, or restarting the connection
                     ctl.close()
                 time.sleep(poll)
         raise TimeoutError(f"daemon not ready after {timeout}s; log:\n{self.log()}")
+
+    def wait_settled(self, deadline: float) -> None:
+        """Until every worker, standbys included, is ready. The supervisor spawns a standby on
+        the tick after the active workers are ready, hence the short first sleep."""
+        time.sleep(0.3)
+        while time.perf_counter() < deadline:
+            if all(w["state"] == "ready" for w in self.status()["workers"]):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"workers not all ready; log:\n{self.log()}")
 
     def status(self) -> dict:
         with self.control() as ctl:

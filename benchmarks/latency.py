@@ -35,7 +35,7 @@ from benchmarks.common import (Daemon, make_mlp, make_tiny, measure, percentile,
                                shm_leftovers, table)
 from shmcache import Client  # noqa: E402
 from shmcache.segment import Segment  # noqa: E402
-from worker.runtime import SessionSettings  # noqa: E402
+from worker.runtime import SessionSettings, spinning_pays  # noqa: E402
 
 TARGET_US = 100.0
 
@@ -70,13 +70,19 @@ def worker_like_session(path: Path, settings: SessionSettings, prepacked: bool) 
             session_options_text(so, entries))
 
 
+def active_pids(status: dict) -> list[int]:
+    return [w["pid"] for w in status["workers"] if w["role"] == "active"]
+
+
 def us(seconds: float) -> str:
     return f"{seconds * 1e6:.0f}" if seconds < 0.01 else f"{seconds * 1e3:.2f}ms"
 
 
 def main() -> int:
     args = parse_args()
-    settings = SessionSettings(intra_op_threads=args.threads)
+    # The daemon's own options for one worker with these threads.
+    settings = SessionSettings(intra_op_threads=args.threads,
+                               allow_spinning=spinning_pays(1, args.threads))
     rows, notes, checks = [], [], []
     with tempfile.TemporaryDirectory(prefix="shmcache-lat-") as tmp:
         tmpdir = Path(tmp)
@@ -88,7 +94,7 @@ def main() -> int:
             daemon.wait_ready()
             status = daemon.status()
             segments = {m["name"]: m["segment"] for m in status["models"]}
-            worker_pid = status["workers"][0]["pid"]
+            worker_pid = active_pids(status)[0]
             client = Client(daemon.sock, timeout=60.0)
             for name, path in models.items():
                 with Segment.attach(segments[name]) as seg:
@@ -130,9 +136,9 @@ def main() -> int:
                              f"{d50 / b50:.2f}x",
                              f"{us(percentile(dflt, 50))}/{us(percentile(dflt, 99))}", target])
                 del session, default
-            after = daemon.status()["workers"]
-            if [w["pid"] for w in after] != [worker_pid]:
-                notes.append(f"WARNING: worker changed during the run: {after}")
+            after = daemon.status()
+            if active_pids(after) != [worker_pid]:
+                notes.append(f"WARNING: worker changed during the run: {after['workers']}")
             client.close()
         finally:
             code = daemon.stop()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -121,14 +122,17 @@ def main() -> int:
 
             feed = {"x": inputs[0]}
             tiny_feed = {"x": np.ones((1, 16), np.float32)}
+            def through(c: Client, model: str, f: dict[str, np.ndarray]) -> Callable[[], object]:
+                return lambda: c.run(model, None, f)
+
             tiny = measure({
                 "in-process": lambda: tiny_same.run(None, tiny_feed),
-                **{mode: (lambda c=c: c.run("tiny", None, tiny_feed)) for mode, c in clients.items()},
+                **{mode: through(c, "tiny", tiny_feed) for mode, c in clients.items()},
             }, args.tiny_calls, args.block)
             mlp = measure({
                 "default": lambda: default.run(None, feed),
                 "same-options pre-packed": lambda: same["pre-packed"].run(None, feed),
-                **{mode: (lambda c=c: c.run("mlp", None, feed)) for mode, c in clients.items()},
+                **{mode: through(c, "mlp", feed) for mode, c in clients.items()},
             }, args.calls, args.mlp_block)
             for mode, d in daemons.items():
                 if len([w for w in d.status()["workers"] if w["role"] == "active"]) != 1:
