@@ -53,7 +53,7 @@ def describe_segment(seg: Segment) -> str:
         f"segment   {seg.name}",
         f"model     {h.model}  version {h.version}",
         f"state     {'sealed' if h.sealed else 'building'}  layout {h.layout_version}"
-        f"  {'pre-packed' if h.prepacked else 'plain'}",
+        f"  {'pre-packed' if h.prepacked else 'optimized graph' if h.optimized else 'plain'}",
         f"size      {h.total_size} bytes  (data {h.data_length}, graph {h.graph_length})",
         f"digest    sha256:{h.digest.hex()}",
         f"created   {created.isoformat(timespec='seconds')} by pid {h.creator_pid}",

@@ -12,6 +12,7 @@ Layout (all integers little-endian; offsets are from the start of the segment)::
              |   8  layout version   u16  LAYOUT_VERSION                    |
              |  10  state            u16  0 = BUILDING, 1 = SEALED          |
              |  12  flags            u32  bit 0: carries ORT pre-packed data|
+             |                            bit 1: graph is ORT's optimized one|
              |  16  model name       64s  UTF-8, NUL padded                 |
              |  80  weight version   u64                                    |
              |  88  digest           32s  SHA-256, see digest_of        |
@@ -88,6 +89,7 @@ LAYOUT_VERSION = 1
 STATE_BUILDING = 0
 STATE_SEALED = 1
 FLAG_PREPACKED = 1
+FLAG_OPTIMIZED = 2  # ORT's optimized graph without pre-packs (a pre-packed graph is one too)
 
 HEADER = struct.Struct("<8sHHI64sQ32sqIIQQQQQQQ32s32s")
 HEADER_SIZE = HEADER.size
@@ -142,6 +144,12 @@ class Header:
     @property
     def prepacked(self) -> bool:
         return bool(self.flags & FLAG_PREPACKED)
+
+    @property
+    def optimized(self) -> bool:
+        """The graph is ORT's optimized graph, not the exporter's (initializers renamed,
+        fused, reordered): publishing weights by name must use the original model."""
+        return bool(self.flags & (FLAG_PREPACKED | FLAG_OPTIMIZED))
 
 
 @dataclass(frozen=True)

@@ -414,9 +414,13 @@ class Arbiter:
                "--owner-pid", str(os.getpid()), "--mode", "640" if gid is not None else "600"]
         if gid is not None:
             cmd += ["--gid", str(gid)]
-        if self.cfg.prepack and self.cfg.optimization != "disabled":
+        if self.cfg.optimization != "disabled":
+            # ORT optimizes (and pre-packs) once, here; --no-prepack keeps the optimized graph,
+            # so level "all"'s reordered Conv weights are shared, not rebuilt in every worker.
             cmd += ["--prepack-cache", str(self.cfg.state_dir / "cache"),
                     "--opt-level", self.cfg.optimization]
+            if not self.cfg.prepack:
+                cmd.append("--no-save-prepacked")
         proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, env=child_env())
         build = Build(model, path, name, version, proc, job=job)
         assert proc.stdout is not None
@@ -477,12 +481,18 @@ class Arbiter:
         owned = OwnedSegment(build.segment, int(result["size"]))
         log.info("model %r v%d in segment %s (%.1f MiB, %s) after %.2fs", build.model,
                  build.version, build.segment, owned.size / 2**20,
-                 "pre-packed" if result.get("prepacked") else "plain",
+                 "pre-packed" if result.get("prepacked") else
+                 "optimized graph" if result.get("optimized") else "plain",
                  time.monotonic() - build.started)
-        if result.get("fallback"):
+        if result.get("fallback") and self.cfg.prepack:
             log.warning("model %r v%d: pre-packing impossible, serving plain shared weights with "
                         "pre-packing off (slower MatMul/Gemm): %s", build.model, build.version,
                         result["fallback"])
+        elif result.get("fallback"):
+            log.warning("model %r v%d: ORT could not save its optimized graph; serving the "
+                        "original graph (level %s may build private copies of reordered "
+                        "weights in each worker): %s", build.model, build.version,
+                        self.cfg.optimization, result["fallback"])
         if not self.lock(owned, build.job):
             owned.unlink()
             return

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prepack-cache", type=Path, default=None,
                    help="pre-pack with ONNX Runtime into the segment, caching here")
     p.add_argument("--opt-level", default="all", help="graph optimization level of the pre-pack")
+    p.add_argument("--no-save-prepacked", dest="save_prepacked", action="store_false",
+                   help="store ORT's optimized graph only, pre-packing off (--no-prepack mode)")
     return p.parse_args(argv)
 
 
@@ -62,8 +64,8 @@ def load(args: argparse.Namespace) -> onnx.ModelProto:
 
     served = Segment.attach(args.served_segment)
     try:
-        if served.header.prepacked and args.served_file is not None:
-            # A pre-packed segment holds ORT's optimized graph, whose initializers are not the
+        if served.header.optimized and args.served_file is not None:
+            # An optimized segment holds ORT's optimized graph, whose initializers are not the
             # exporter's: weights by name apply to the served version's own model.
             original = load_model(args.served_file)
             return load_candidate(args.model_path, original.SerializeToString(), None,
@@ -99,7 +101,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     if args.prepack_cache is not None:
         try:
             owned = build_prepacked(args, source)
-            result["prepacked"] = True
+            result["prepacked"] = args.save_prepacked
+            result["optimized"] = True
         except SegmentError:
             raise  # no room, name taken: the plain segment would fail the same way
         except Exception as exc:  # ORT could not pre-pack: serve the plain, shared weights
@@ -118,10 +121,12 @@ def build_prepacked(args: argparse.Namespace, source: Path) -> OwnedSegment:
     from shmcache.model import model_digest
     from worker.prepack import cached_prepack, write_prepacked_segment
 
-    out = cached_prepack(source, args.prepack_cache, args.opt_level, model_digest(source))
+    out = cached_prepack(source, args.prepack_cache, args.opt_level, model_digest(source),
+                         packed=args.save_prepacked)
     return write_prepacked_segment(out, name=args.segment, model_name=args.model_name,
                                    version=args.version, mode=args.mode, gid=args.gid,
-                                   creator_pid=args.owner_pid, progress=report_progress)
+                                   creator_pid=args.owner_pid, progress=report_progress,
+                                   packed=args.save_prepacked)
 
 
 _last_report = [0.0]

@@ -55,6 +55,7 @@ import onnx
 
 from shmcache.errors import ModelError
 from shmcache.segment import (
+    FLAG_OPTIMIZED,
     FLAG_PREPACKED,
     KIND_BLOB,
     EntrySource,
@@ -131,7 +132,7 @@ def cpu_flags() -> str:
     return " ".join(sorted(flags & _RELEVANT_CPU_FLAGS))
 
 
-def prepack_key(model_digest: str, opt_level: str) -> str:
+def prepack_key(model_digest: str, opt_level: str, packed: bool = True) -> str:
     """Hex digest naming one pre-pack: valid only for this model, ORT build, CPU and level.
 
     The intra-op thread count is deliberately absent: packed buffers do not depend on it
@@ -142,7 +143,7 @@ def prepack_key(model_digest: str, opt_level: str) -> str:
     _check_level(opt_level)
     h = hashlib.sha256()
     for part in (
-        "shmcache-prepack-v1",
+        "shmcache-prepack-v1" if packed else "shmcache-optimized-v1",
         model_digest,
         ort.__version__,
         platform.machine(),
@@ -163,9 +164,15 @@ def _check_level(opt_level: str) -> None:
 
 
 def run_prepack(
-    model_path: Path, out_dir: Path, opt_level: str = "extended", model_digest: str | None = None
+    model_path: Path, out_dir: Path, opt_level: str = "extended", model_digest: str | None = None,
+    packed: bool = True,
 ) -> PrepackOutput:
     """Create ONE session over ``model_path`` that saves its optimized graph and pre-packed data.
+
+    ``packed=False`` (``--no-prepack`` mode): the optimized graph only, made with pre-packing
+    off. Level "all" rewrites Conv weights into NCHWc blocks; in the saved graph they are
+    ordinary initializers, shared from the segment, where a session over the original graph
+    builds them privately in every worker (14 MiB per worker on benchmarks/memory.py's Conv).
 
     Runs ONNX Runtime in the calling process: call it through ``python -m worker.prepack`` from
     a process that will fork (STYLE.md principle 5). ``model_digest`` defaults to the SHA-256 of
@@ -194,7 +201,10 @@ def run_prepack(
         "session.optimized_model_external_initializers_file_name", data_path.name
     )
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
-    so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    if packed:
+        so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    else:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     try:
         ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own pybind types; surface one typed error
@@ -204,7 +214,7 @@ def run_prepack(
     if not data_path.exists():
         # A model with no initializer of >= 64 bytes: nothing external, nothing to share.
         data_path.write_bytes(b"")
-    return PrepackOutput(graph_path, data_path, prepack_key(model_digest, opt_level))
+    return PrepackOutput(graph_path, data_path, prepack_key(model_digest, opt_level, packed))
 
 
 def _sha256_file(path: Path) -> str:
@@ -368,7 +378,7 @@ def segment_sources(graph: onnx.ModelProto, data_path: Path) -> tuple[list[Exter
 def write_prepacked_segment(
     out: PrepackOutput, *, name: str, model_name: str, version: int, mode: int = 0o600,
     gid: int | None = None, creator_pid: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, packed: bool = True,
 ) -> OwnedSegment:
     """A segment holding the optimized graph, the original weights and their pre-packed blobs,
     with every external reference relocated into the segment file itself."""
@@ -380,17 +390,19 @@ def write_prepacked_segment(
         relocate_external_data(graph, name, offsets)
         return graph.SerializeToString()
 
-    return write_segment(name, model_name, version, sources, graph_for, flags=FLAG_PREPACKED,
+    flags = FLAG_PREPACKED if packed else FLAG_OPTIMIZED
+    return write_segment(name, model_name, version, sources, graph_for, flags=flags,
                          key=bytes.fromhex(out.key)[:32], mode=mode, gid=gid,
                          creator_pid=creator_pid, progress=progress)
 
 
-def cached_prepack(model_path: Path, cache_root: Path, opt_level: str, model_digest: str) -> PrepackOutput:
+def cached_prepack(model_path: Path, cache_root: Path, opt_level: str, model_digest: str,
+                   packed: bool = True) -> PrepackOutput:
     """The pre-pack for this model, ORT, CPU and level: from the cache, else made and cached.
 
     Made in a temporary folder and renamed into place, so a crash never leaves a half cache.
     """
-    key = prepack_key(model_digest, opt_level)
+    key = prepack_key(model_digest, opt_level, packed)
     final = cache_root / key
     graph, data = final / "model.opt.onnx", final / "model.opt.data"
     if graph.is_file() and data.is_file():
@@ -398,7 +410,7 @@ def cached_prepack(model_path: Path, cache_root: Path, opt_level: str, model_dig
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=cache_root))
     try:
-        run_prepack(model_path, tmp, opt_level, model_digest)
+        run_prepack(model_path, tmp, opt_level, model_digest, packed)
         try:
             os.rename(tmp, final)
         except OSError:  # another builder won the race: use its copy

@@ -314,3 +314,47 @@ def test_standby_catches_up_after_a_flip_and_takes_over_on_the_new_version(
     finally:
         assert d.stop() == 0
     assert d.segments() == []
+
+
+def test_no_prepack_serves_the_optimized_graph_exactly_and_takes_weights_by_name(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """--no-prepack segments carry ORT's optimized graph (no pre-packs): outputs identical to
+    an in-process session over the original file with pre-packing off, and a weights-only
+    publish applies to the original model, not to the optimized graph's renamed tensors."""
+    from shmcache.segment import Segment
+
+    conv = models.save(models.convnet(seed=9), tmp_path / "conv.onnx")
+    d = Daemon(tmp_path, {"m": weights["A"], "conv": conv}, workers=2,
+               extra=["--no-prepack"]).wait_ready()
+
+    def plain(path: Path) -> ort.InferenceSession:
+        return ort.InferenceSession(str(path), SessionSettings(intra_op_threads=1).options(
+            prepacked=False), providers=["CPUExecutionProvider"])
+
+    try:
+        for name in ("m", "conv"):
+            seg = Segment.attach(next(s for s in d.segments() if f".{name}.v1." in s))
+            try:
+                assert seg.header.optimized and not seg.header.prepacked
+            finally:
+                seg.close()
+        img = np.random.default_rng(4).standard_normal((2, 3, 16, 16)).astype(np.float32)
+        with shmcache.Client(str(d.socket)) as c:
+            (logits,) = c.run("conv", None, {"img": img})
+        assert logits.tobytes() == plain(conv).run(None, {"img": img})[0].tobytes()
+
+        new = models.mlp(SIZES, seed=6)
+        npz = tmp_path / "w0.npz"
+        np.savez(npz, w0=numpy_helper.to_array(new.graph.initializer[0]))
+        done = publish(d, npz)
+        assert done.returncode == 0, done.stderr
+        mixed = models.mlp(SIZES, seed=1)
+        mixed.graph.initializer[0].CopyFrom(new.graph.initializer[0])
+        x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+        y, version = call(d, x)
+        expected = plain(models.save(mixed, tmp_path / "mixed.onnx")).run(None, {"x": x})[0]
+        assert version == 2 and y.tobytes() == expected.tobytes()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
