@@ -93,7 +93,8 @@ class WorkerHandle:
     versions: dict[str, int] = field(default_factory=dict)
     retiring: bool = False  # to be replaced by a reload
     standby: bool = False  # warm, not accepting, until activated to replace an active worker
-    catching_up: set[int] = field(default_factory=set)  # a standby's prepares after a flip
+    # a standby's prepares after a flip: control id -> (model, version)
+    catching_up: dict[int, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def role(self) -> str:
@@ -149,7 +150,6 @@ class Arbiter:
         self.manifest = Manifest(config.state_dir)
         self.publishes: dict[str, PublishJob] = {}
         self.prepare_ids: dict[int, tuple[str, int]] = {}  # control id -> (model, worker pid)
-        self.catch_up_ids: dict[int, tuple[str, int]] = {}  # control id -> (model, version)
         self.metrics = MetricsRegistry(memory_of=memory_of)
         self.http: HttpEndpoint | None = None
         self.locks: dict[str, LockedSegment] = {}  # segment name -> its locked mapping
@@ -555,9 +555,7 @@ class Arbiter:
                 w.peer.send({"op": "activate"})
                 log.info("activated standby worker %d", w.pid)
                 self.close_early_door()
-                for job in self.publishes.values():  # it is active now: the flip waits for it
-                    if job.phase == "preparing":
-                        self.ask_prepare(job, w)
+                self.ask_pending_prepares(w)
                 return True
         return False
 
@@ -678,16 +676,14 @@ class Arbiter:
             log.info("%s worker %d ready in %.2fs", w.role, w.pid, time.monotonic() - w.started)
             if not w.standby:
                 self.close_early_door()
-                for job in self.publishes.values():
-                    if job.phase == "preparing":
-                        self.ask_prepare(job, w)
+                self.ask_pending_prepares(w)
         elif op == "beat":
             w.served = int(msg.get("served", 0))
             w.inflight = int(msg.get("inflight", 0))
             self.metrics.update_worker(w.pid, msg.get("requests"), inflight=w.inflight)
         elif op == "reply" and msg.get("id") in self.prepare_ids:
             self.on_prepared(w, msg)
-        elif op == "reply" and msg.get("id") in self.catch_up_ids:
+        elif op == "reply" and msg.get("id") in w.catching_up:
             self.on_caught_up(w, msg)
         elif op == "boot_failed":
             log.error("worker %d failed to boot: %s", w.pid, msg.get("reason"))
@@ -708,8 +704,6 @@ class Arbiter:
                 continue
             del self.workers[pid]
             self.drop_peer(w.peer)
-            for rid in w.catching_up:
-                self.catch_up_ids.pop(rid, None)
             self.metrics.worker_gone(pid)
             for job in list(self.publishes.values()):
                 if pid in job.waiting:
@@ -976,12 +970,24 @@ class Arbiter:
         self.maybe_commit(job)
 
     def ask_prepare(self, job: PublishJob, w: WorkerHandle) -> None:
-        rid = self.next_control_id
-        self.next_control_id += 1
+        rid = self.send_prepare(job, w)
         self.prepare_ids[rid] = (job.model, w.pid)
         job.waiting[w.pid] = rid
+
+    def ask_pending_prepares(self, w: WorkerHandle) -> None:
+        """A worker that just became active (booted, or a standby activated) must prepare
+        every version still preparing: the flip waits for every active worker."""
+        for job in self.publishes.values():
+            if job.phase == "preparing":
+                self.ask_prepare(job, w)
+
+    def send_prepare(self, job: PublishJob, w: WorkerHandle, background: bool = False) -> int:
+        """Send the control op ``prepare`` for ``job``'s segment; its request id."""
+        rid = self.next_control_id
+        self.next_control_id += 1
         w.peer.send({"op": "prepare", "id": rid, "model": job.model, "version": job.version,
-                     "segment": job.segment})
+                     "segment": job.segment, "background": background})
+        return rid
 
     def on_prepared(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
         model, pid = self.prepare_ids.pop(msg["id"])
@@ -1023,24 +1029,19 @@ class Arbiter:
 
     def catch_up_standbys(self, job: PublishJob) -> None:
         """After a flip, every standby prepares the new version, at low priority (nothing waits
-        for it); until it has, it is not activated (a dead worker gets a cold replacement). A standby still booting
-        maps the segments it was spawned with, which may lack the new one: replace it."""
+        for it); until it has, it is not activated (a dead worker gets a cold replacement).
+        A standby still booting maps the segments it was spawned with, which may lack the new
+        one: replace it."""
         for w in list(self.workers.values()):
             if not w.standby or w.state == "stopping":
                 continue
             if w.state == "booting":
                 self.stop_worker(w)
                 continue
-            rid = self.next_control_id
-            self.next_control_id += 1
-            self.catch_up_ids[rid] = (job.model, job.version)
-            w.catching_up.add(rid)
-            w.peer.send({"op": "prepare", "id": rid, "model": job.model, "version": job.version,
-                         "segment": job.segment, "background": True})
+            w.catching_up[self.send_prepare(job, w, background=True)] = (job.model, job.version)
 
     def on_caught_up(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
-        model, version = self.catch_up_ids.pop(msg["id"])
-        w.catching_up.discard(msg["id"])
+        model, version = w.catching_up.pop(msg["id"])
         if msg.get("ok"):
             log.info("standby worker %d prepared %s v%d", w.pid, model, version)
             return
