@@ -125,8 +125,7 @@ def build_prepacked(args: argparse.Namespace, source: Path) -> OwnedSegment:
                          packed=args.save_prepacked)
     return write_prepacked_segment(out, name=args.segment, model_name=args.model_name,
                                    version=args.version, mode=args.mode, gid=args.gid,
-                                   creator_pid=args.owner_pid, progress=report_progress,
-                                   packed=args.save_prepacked)
+                                   creator_pid=args.owner_pid, progress=report_progress)
 
 
 _last_report = [0.0]

@@ -112,6 +112,7 @@ class PrepackOutput:
     graph_path: Path
     data_path: Path
     key: str
+    packed: bool = True  # False: the optimized graph only (--no-prepack)
 
 
 # --- cache key ----------------------------------------------------------------------------------
@@ -214,7 +215,8 @@ def run_prepack(
     if not data_path.exists():
         # A model with no initializer of >= 64 bytes: nothing external, nothing to share.
         data_path.write_bytes(b"")
-    return PrepackOutput(graph_path, data_path, prepack_key(model_digest, opt_level, packed))
+    return PrepackOutput(graph_path, data_path, prepack_key(model_digest, opt_level, packed),
+                         packed)
 
 
 def _sha256_file(path: Path) -> str:
@@ -378,10 +380,11 @@ def segment_sources(graph: onnx.ModelProto, data_path: Path) -> tuple[list[Exter
 def write_prepacked_segment(
     out: PrepackOutput, *, name: str, model_name: str, version: int, mode: int = 0o600,
     gid: int | None = None, creator_pid: int | None = None,
-    progress: Callable[[int, int], None] | None = None, packed: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> OwnedSegment:
-    """A segment holding the optimized graph, the original weights and their pre-packed blobs,
-    with every external reference relocated into the segment file itself."""
+    """A segment holding the optimized graph, the original weights and their pre-packed blobs
+    (none when ``out.packed`` is false), with every external reference relocated into the
+    segment file itself."""
     graph = onnx.load(str(out.graph_path), load_external_data=False)
     entries, sources = segment_sources(graph, out.data_path)
 
@@ -390,7 +393,7 @@ def write_prepacked_segment(
         relocate_external_data(graph, name, offsets)
         return graph.SerializeToString()
 
-    flags = FLAG_PREPACKED if packed else FLAG_OPTIMIZED
+    flags = FLAG_PREPACKED if out.packed else FLAG_OPTIMIZED
     return write_segment(name, model_name, version, sources, graph_for, flags=flags,
                          key=bytes.fromhex(out.key)[:32], mode=mode, gid=gid,
                          creator_pid=creator_pid, progress=progress)
@@ -406,7 +409,7 @@ def cached_prepack(model_path: Path, cache_root: Path, opt_level: str, model_dig
     final = cache_root / key
     graph, data = final / "model.opt.onnx", final / "model.opt.data"
     if graph.is_file() and data.is_file():
-        return PrepackOutput(graph, data, key)
+        return PrepackOutput(graph, data, key, packed)
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=cache_root))
     try:
@@ -418,7 +421,7 @@ def cached_prepack(model_path: Path, cache_root: Path, opt_level: str, model_dig
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return PrepackOutput(graph, data, key)
+    return PrepackOutput(graph, data, key, packed)
 
 
 # --- CLI: python -m worker.prepack MODEL OUT_DIR --opt-level extended ---------------------------
