@@ -39,7 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -148,35 +149,36 @@ class VanishedSegment(Exception):
     sweep in tests/conftest.py removes every new shmcache.* name); the round is redone."""
 
 
-def measure_daemon(sock: Path, model: Path, workers: int, threads: int | None,
-                   codes: list[int]) -> tuple[float, float]:
-    """Default daemon: time it to ready, SIGKILL an active worker; (start, takeover)."""
-    daemon = Daemon(sock, {"mlp": model}, workers=workers, threads=threads)
+@contextmanager
+def stopped_after(daemon: Daemon, codes: list[int]) -> Iterator[Daemon]:
+    """Stop the daemon on the way out, recording its exit status; a failure caused by someone
+    else unlinking our segment becomes VanishedSegment, so the round is redone."""
     try:
-        up = daemon.wait_ready()
-        return up, takeover_by_standby(daemon, workers)
+        yield daemon
     except Exception as exc:
         if "SegmentNotFound" in daemon.log():
-            raise VanishedSegment(f"{sock.name}: {exc!r}"[:200]) from exc
+            raise VanishedSegment(f"{daemon.sock.name}: {exc!r}"[:200]) from exc
         raise
     finally:
         codes.append(daemon.stop())
+
+
+def measure_daemon(sock: Path, model: Path, workers: int, threads: int | None,
+                   codes: list[int]) -> tuple[float, float]:
+    """Default daemon: time it to ready, SIGKILL an active worker; (start, takeover)."""
+    with stopped_after(Daemon(sock, {"mlp": model}, workers=workers, threads=threads),
+                       codes) as daemon:
+        up = daemon.wait_ready()
+        return up, takeover_by_standby(daemon, workers)
 
 
 def measure_cold(sock: Path, model: Path, workers: int, threads: int | None,
                  codes: list[int]) -> tuple[float, float]:
     """No standby: replace one worker cold; (kill-to-ready polled, logged spawn-to-ready)."""
-    daemon = Daemon(sock, {"mlp": model}, workers=workers, threads=threads,
-                    extra=["--standby", "0"])
-    try:
+    with stopped_after(Daemon(sock, {"mlp": model}, workers=workers, threads=threads,
+                              extra=["--standby", "0"]), codes) as daemon:
         daemon.wait_ready()
         return replace_one(daemon)
-    except Exception as exc:
-        if "SegmentNotFound" in daemon.log():
-            raise VanishedSegment(f"{sock.name}: {exc!r}"[:200]) from exc
-        raise
-    finally:
-        codes.append(daemon.stop())
 
 
 def med(values: list[float]) -> float:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 if TYPE_CHECKING:
     from shmcache import Client
+    from worker.runtime import SessionSettings
 
 
 def make_mlp(path: Path, mib: int = 256, batch_dim: str = "batch") -> Path:
@@ -45,6 +46,14 @@ def make_tiny(path: Path) -> Path:
 
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
+
+
+def one_worker_settings(threads: int) -> SessionSettings:
+    """The session options the daemon gives its worker when it runs one worker with
+    ``threads`` intra-op threads (what an in-process session must match to compare)."""
+    from worker.runtime import SessionSettings, spinning_pays  # imports ORT: only when asked
+
+    return SessionSettings(intra_op_threads=threads, allow_spinning=spinning_pays(1, threads))
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:

@@ -31,11 +31,11 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (Daemon, make_mlp, make_tiny, measure, percentile,  # noqa: E402
-                               shm_leftovers, table)
+from benchmarks.common import (Daemon, make_mlp, make_tiny, measure,  # noqa: E402
+                               one_worker_settings, percentile, shm_leftovers, table)
 from shmcache import Client  # noqa: E402
 from shmcache.segment import Segment  # noqa: E402
-from worker.runtime import SessionSettings, spinning_pays  # noqa: E402
+from worker.runtime import SessionSettings  # noqa: E402
 
 TARGET_US = 100.0
 
@@ -80,9 +80,7 @@ def us(seconds: float) -> str:
 
 def main() -> int:
     args = parse_args()
-    # The daemon's own options for one worker with these threads.
-    settings = SessionSettings(intra_op_threads=args.threads,
-                               allow_spinning=spinning_pays(1, args.threads))
+    settings = one_worker_settings(args.threads)
     rows, notes, checks = [], [], []
     with tempfile.TemporaryDirectory(prefix="shmcache-lat-") as tmp:
         tmpdir = Path(tmp)

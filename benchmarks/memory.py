@@ -132,17 +132,6 @@ def drive_workers(daemon: ServeDaemon, model: str, shape: list[int], n: int) -> 
     return notes
 
 
-def settled_status(daemon: ServeDaemon, timeout: float = 300.0) -> dict:
-    """Status once no worker is booting: the default warm standby boots after the active
-    workers are ready, and a half-booted process would be measured mid-load."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = daemon.status()
-        if all(w["state"] == "ready" for w in status["workers"]) or time.monotonic() > deadline:
-            return status
-        time.sleep(0.05)
-
-
 def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mode: list[str],
                    shape: list[int], n: int, cache: Path, sockets: list[Path]) -> dict:
     state = tmp / f"state-{tag}"
@@ -152,9 +141,9 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
     sockets.append(sock)
     daemon = ServeDaemon(sock, {model: path}, workers, state, extra=mode)
     try:
-        daemon.wait_ready()
+        daemon.wait_ready()  # standby included: it boots after the active workers
         notes = drive_workers(daemon, model, shape, n)
-        status = settled_status(daemon)
+        status = daemon.status()
         busy = [smaps_memory(w["pid"]) for w in status["workers"] if w["role"] == "active"]
         time.sleep(AT_REST)
         per_worker = [smaps_memory(w["pid"]) for w in status["workers"] if w["role"] == "active"]

@@ -8,8 +8,8 @@ the tiny model (one 16x16 MatMul, batch 1): the default (pre-packed segment) and
 
   * baseline: ``InferenceSession(mlp.onnx)`` with ORT's default options except
     ``intra_op_num_threads = T`` (the same thread count as the worker);
-  * worker-options sessions (``SessionSettings(T).options``: level all, no spinning, pre-packing
-    as the worker has it) for the tiny model's round trip and the bit-identity check.
+  * worker-options sessions (``one_worker_settings(T).options``: level all, spinning as the
+    daemon allows it, pre-packing as the worker has it) for the tiny model's round trip and the bit-identity check.
 
 Round-trip overhead = p50 of the tiny model through the daemon - p50 of the same model in
 process with the worker's options, measured in the same run.
@@ -38,10 +38,9 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (ServeDaemon, make_mlp, make_tiny, measure, percentile,  # noqa: E402
-                               shm_leftovers, table)
+from benchmarks.common import (ServeDaemon, make_mlp, make_tiny, measure,  # noqa: E402
+                               one_worker_settings, percentile, shm_leftovers, table)
 from shmcache import Client  # noqa: E402
-from worker.runtime import SessionSettings, spinning_pays  # noqa: E402
 
 RATIO_TARGET = 1.05
 MODES = {"pre-packed": [], "no-prepack": ["--no-prepack"]}
@@ -65,9 +64,7 @@ def ms(seconds: float) -> str:
 
 def main() -> int:
     args = parse_args()
-    # The daemon's own options for one worker with these threads.
-    settings = SessionSettings(intra_op_threads=args.threads,
-                               allow_spinning=spinning_pays(1, args.threads))
+    settings = one_worker_settings(args.threads)
     daemons: dict[str, ServeDaemon] = {}
     clients: dict[str, Client] = {}
     notes: list[str] = []

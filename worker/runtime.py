@@ -83,8 +83,8 @@ class SessionSettings:
         spin = "1" if self.allow_spinning else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        # Without ORT's arena a run's working memory goes back to malloc, and a worker
-        # that also fixes malloc's mmap threshold (release_freed_memory) returns it to the OS.
+        # Without ORT's arena a run's working memory goes back to malloc, from which an idle
+        # worker returns it to the OS (worker.heap).
         so.enable_cpu_mem_arena = self.memory_arena
         if self.disable_prepacking and not prepacked:
             so.add_session_config_entry("session.disable_prepacking", "1")

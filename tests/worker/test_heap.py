@@ -31,15 +31,20 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return now
 
 
+@pytest.fixture
+def libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
+    fake = FakeLibc()
+    monkeypatch.setattr(heap, "load_glibc", lambda: fake)
+    return fake
+
+
 def trims(libc: FakeLibc) -> int:
     return sum(1 for name, _ in libc.calls if name == "malloc_trim")
 
 
 def test_configures_malloc_and_trims_once_per_idle_period(
-    monkeypatch: pytest.MonkeyPatch, clock: list[float]
+    libc: FakeLibc, clock: list[float]
 ) -> None:
-    libc = FakeLibc()
-    monkeypatch.setattr(heap, "load_glibc", lambda: libc)
     trimmer = heap.IdleHeapTrimmer(enabled=True)
     assert ("mallopt", (heap.M_ARENA_MAX, 1)) in libc.calls
     assert ("mallopt", (heap.M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD)) in libc.calls
@@ -59,10 +64,8 @@ def test_configures_malloc_and_trims_once_per_idle_period(
 
 
 def test_disabled_or_without_glibc_touches_nothing(
-    monkeypatch: pytest.MonkeyPatch, clock: list[float]
+    monkeypatch: pytest.MonkeyPatch, libc: FakeLibc, clock: list[float]
 ) -> None:
-    libc = FakeLibc()
-    monkeypatch.setattr(heap, "load_glibc", lambda: libc)
     off = heap.IdleHeapTrimmer(enabled=False)
     off.note_activity()
     clock[0] += 10
