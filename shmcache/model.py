@@ -171,11 +171,37 @@ def point_at_segment(tensor: TensorProto, location: str, offset: int, length: in
 
 def model_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a model file, for cache keys."""
+    return scan_model_file(path).digest
+
+
+# An external-data reference is a StringStringEntryProto whose key (field 1, length-delimited:
+# tag 0x0A) is the 8 bytes "location". A file without these bytes references no external data
+# file, so it alone holds every weight. The converse may be wrong (weight bytes or a metadata
+# key can contain them): that only costs a re-serialization, never an incomplete copy.
+EXTERNAL_LOCATION_KEY = b"\x0a\x08location"
+SCAN_CHUNK = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class ModelFileScan:
+    digest: str  # SHA-256 of the file's bytes
+    self_contained: bool  # no external data reference: copying the file copies every weight
+
+
+def scan_model_file(path: str | os.PathLike[str]) -> ModelFileScan:
+    """One read of a model file: its digest, and whether it may reference external data."""
     h = hashlib.sha256()
+    found = False
+    overlap = len(EXTERNAL_LOCATION_KEY) - 1
+    tail = b""  # the previous chunk's last bytes: a match may straddle two chunks
     with open(path, "rb") as f:
-        while chunk := f.read(16 * 2**20):
+        while chunk := f.read(SCAN_CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+            if not found:
+                found = (EXTERNAL_LOCATION_KEY in tail + chunk[:overlap]
+                         or EXTERNAL_LOCATION_KEY in chunk)
+                tail = chunk[-overlap:]
+    return ModelFileScan(h.hexdigest(), not found)
 
 
 def build_model_segment(

@@ -27,7 +27,7 @@ from pathlib import Path
 import onnx
 
 from shmcache.errors import SegmentError, ShmcacheError
-from shmcache.model import build_model_segment, load_model
+from shmcache.model import build_model_segment, load_model, model_digest, scan_model_file
 from shmcache.segment import OwnedSegment, Segment
 
 EXIT_OK = 0
@@ -76,31 +76,37 @@ def load(args: argparse.Namespace) -> onnx.ModelProto:
         served.close()
 
 
-def persist(model: onnx.ModelProto, source: Path, dest: Path) -> None:
-    """Keep the complete weights of a published version, so a restart can rebuild it."""
+def persist(model: onnx.ModelProto, source: Path, dest: Path) -> str:
+    """Keep the complete weights of a published version, so a restart can rebuild it.
+
+    Returns the SHA-256 of the copy (the pre-pack cache key), read once with the check that
+    decides whether the source file can simply be copied."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
-    embedded = source.suffix == ".onnx" and source.stat().st_size >= model.ByteSize()
-    if embedded:
+    scan = scan_model_file(source) if source.suffix == ".onnx" else None
+    if scan is not None and scan.self_contained:
         shutil.copyfile(source, tmp)  # cheaper than serializing again
-    else:
+        digest = scan.digest
+    else:  # weights by name, or weights in external data files: one file with everything
         onnx.save(model, str(tmp))
+        digest = model_digest(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dest)
+    return digest
 
 
 def build(args: argparse.Namespace) -> dict[str, object]:
     model = load(args)
-    source = args.model_path
+    source, digest = args.model_path, None
     if args.persist_to is not None:
-        persist(model, args.model_path, args.persist_to)
+        digest = persist(model, args.model_path, args.persist_to)
         source = args.persist_to
     result: dict[str, object] = {"ok": True, "version": args.version}
     owned = None
     if args.prepack_cache is not None:
         try:
-            owned = build_prepacked(args, source)
+            owned = build_prepacked(args, source, digest or model_digest(source))
             result["prepacked"] = args.save_prepacked
             result["optimized"] = True
         except SegmentError:
@@ -116,12 +122,11 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
-def build_prepacked(args: argparse.Namespace, source: Path) -> OwnedSegment:
+def build_prepacked(args: argparse.Namespace, source: Path, digest: str) -> OwnedSegment:
     """ORT pre-packs once here, in a process that forks nothing afterwards (issue 5)."""
-    from shmcache.model import model_digest
     from worker.prepack import cached_prepack, write_prepacked_segment
 
-    out = cached_prepack(source, args.prepack_cache, args.opt_level, model_digest(source),
+    out = cached_prepack(source, args.prepack_cache, args.opt_level, digest,
                          packed=args.save_prepacked)
     return write_prepacked_segment(out, name=args.segment, model_name=args.model_name,
                                    version=args.version, mode=args.mode, gid=args.gid,
