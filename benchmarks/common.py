@@ -252,14 +252,16 @@ class ServeDaemon(Daemon):
         super().__init__(sock, models, workers, threads, log_path, state_dir, extra)
 
 
-def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/") -> dict[str, int]:
+def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
+                 code_marker: str = "onnxruntime") -> dict[str, int]:
     """Bytes from /proc/PID/smaps: uss, pss, rss over all mappings, and seg_pss / seg_uss / seg_rss
     over mappings of files under ``shm_prefix`` (the segments). Summed over every process, seg_pss
     is the number of distinct segment pages mapped by anyone, so (pss - seg_pss) summed plus the
-    segment's allocated pages counts every page once."""
+    segment's allocated pages counts every page once. code_pss: PSS of the shared libraries whose
+    path contains ``code_marker`` (ONNX Runtime's code: the kernels a model runs are pages of it)."""
     keys = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss"}
-    out = dict.fromkeys(("rss", "pss", "uss", "seg_rss", "seg_pss", "seg_uss"), 0)
-    in_seg = False
+    out = dict.fromkeys(("rss", "pss", "uss", "seg_rss", "seg_pss", "seg_uss", "code_pss"), 0)
+    in_seg = in_code = False
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             head = line.split(None, 1)[0]
@@ -269,9 +271,13 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/") -> dict[str, int]:
                 out[kind] += value
                 if in_seg:
                     out["seg_" + kind] += value
+                if in_code and kind == "pss":
+                    out["code_pss"] += value
             elif not head.endswith(":"):  # a mapping's header line: address perms offset dev inode path
                 parts = line.split(None, 5)
-                in_seg = len(parts) == 6 and parts[5].strip().startswith(shm_prefix)
+                path = parts[5].strip() if len(parts) == 6 else ""
+                in_seg = path.startswith(shm_prefix)
+                in_code = code_marker in path and ".so" in path
     return out
 
 
