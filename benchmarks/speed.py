@@ -123,8 +123,16 @@ def main() -> int:
 
             feed = {"x": inputs[0]}
             tiny_feed = {"x": np.ones((1, 16), np.float32)}
-            def through(c: Client, model: str, f: dict[str, np.ndarray]) -> Callable[[], object]:
-                return lambda: c.run(model, None, f)
+            compute: dict[str, list[float]] = {mode: [] for mode in MODES}
+
+            def through(c: Client, model: str, f: dict[str, np.ndarray],
+                        ran: list[float] | None = None) -> Callable[[], object]:
+                def call() -> object:
+                    out = c.run(model, None, f)
+                    if ran is not None and c.last_compute_seconds is not None:
+                        ran.append(c.last_compute_seconds)
+                    return out
+                return call
 
             tiny = measure({
                 "in-process": lambda: tiny_same.run(None, tiny_feed),
@@ -134,7 +142,7 @@ def main() -> int:
                 "default": lambda: default.run(None, feed),
                 "default twin": lambda: twin.run(None, feed),
                 "same-options pre-packed": lambda: same["pre-packed"].run(None, feed),
-                **{mode: through(c, "mlp", feed) for mode, c in clients.items()},
+                **{mode: through(c, "mlp", feed, compute[mode]) for mode, c in clients.items()},
             }, args.calls, args.mlp_block)
             for mode, d in daemons.items():
                 if len([w for w in d.status()["workers"] if w["role"] == "active"]) != 1:
@@ -181,6 +189,13 @@ def main() -> int:
     print()
     print("target applies to the default (pre-packed) mode; --no-prepack is shown for comparison "
           "(its bit-identity is against a session with session.disable_prepacking=1)")
+    for mode in MODES:
+        if compute[mode]:
+            c50, d50 = percentile(compute[mode], 50), percentile(mlp[mode], 50)
+            print(f"daemon {mode}: the model ran {ms(c50)} ms in the worker (p50 of the replies' "
+                  f"compute, {c50 / base50:.3f}x the baseline); the rest of its {ms(d50)} ms p50 "
+                  f"is dispatch and the transport of {feed['x'].nbytes // 1024} KiB in and out: "
+                  f"{ms(d50 - c50)} ms")
     print("the 2nd default session is identical to the baseline (its own weights elsewhere in "
           "RAM): its ratio shows how far two identical sessions run apart on this host, in this "
           "run; the target is judged against the first all the same")

@@ -239,7 +239,8 @@ class Client:
     other or on a lock, and each connection carries one call at a time, which keeps the hot
     path to one ``sendall`` and one or two ``recv_into``.  ``close()`` closes every thread's
     connection; a thread that uses the client afterwards simply reconnects.  ``last_version``
-    is per thread too: it is the weight version of the calling thread's last ``run``.
+    and ``last_compute_seconds`` are per thread too: the weight version of the calling thread's
+    last ``run``, and how long its model ran in the worker.
 
     ``spin`` (seconds, default 200 us) is how long a call polls for its answer before it
     sleeps: answers from small models arrive within it, and a thread that slept wakes on a
@@ -289,12 +290,19 @@ class Client:
         reply = self.request("infer", **_infer_fields(model, output_names, input_feed, version))
         result = protocol.outputs_from_reply(reply), _version_of(reply)
         self._local.last_version = result[1]
+        self._local.last_compute = protocol.compute_of(reply)
         return result
 
     @property
     def last_version(self) -> int | None:
         """Weight version of this thread's last successful ``run``; None before the first."""
         return getattr(self._local, "last_version", None)
+
+    @property
+    def last_compute_seconds(self) -> float | None:
+        """How long the model ran in the worker for this thread's last successful ``run``
+        (the rest of the call's time is queueing and transport); None if not reported."""
+        return getattr(self._local, "last_compute", None)
 
     def models(self) -> list[ModelInfo]:
         """The models the daemon serves."""
@@ -461,6 +469,7 @@ class AsyncClient:
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
         self.last_version: int | None = None
+        self.last_compute_seconds: float | None = None  # see Client.last_compute_seconds
         self._ids = itertools.count(1)
         self._proto: _ClientProtocol | None = None
         self._connect_lock: asyncio.Lock | None = None
@@ -492,6 +501,7 @@ class AsyncClient:
         reply = await self.request("infer", **_infer_fields(model, output_names, input_feed, version))
         result = protocol.outputs_from_reply(reply), _version_of(reply)
         self.last_version = result[1]
+        self.last_compute_seconds = protocol.compute_of(reply)
         return result
 
     async def models(self) -> list[ModelInfo]:

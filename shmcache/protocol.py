@@ -57,7 +57,8 @@ Always ``v``, ``id``, ``ok`` (bool).  Responses may come back in any order; matc
 op / case  extra keys
 =========  ===========================================================================
 infer      ``version`` int (weights that computed it), ``outputs`` [[name, T], ...] in
-           the order asked
+           the order asked, ``compute`` float (optional): seconds the model ran in the
+           worker, without queueing or transport
 models     ``models`` [{name, version, inputs: [{name, dtype, shape}], outputs: [...]}]
            (dynamic dims are str or nil)
 ping       ``ready`` bool, ``pid`` int, optional extra info keys
@@ -395,11 +396,23 @@ def ok_result(request_id: int, **fields: object) -> dict[str, Any]:
 
 
 def ok_infer(
-    request_id: int, version: int, outputs: Iterable[tuple[str, np.ndarray]]
+    request_id: int, version: int, outputs: Iterable[tuple[str, np.ndarray]],
+    compute: float | None = None,
 ) -> dict[str, Any]:
-    """Success for ``infer``: outputs in the order the client asked for them."""
+    """Success for ``infer``: outputs in the order the client asked for them, and how long
+    the model ran (``compute`` seconds) when the worker measured it."""
     wire = [[name, tensor_to_wire(np.asarray(arr))] for name, arr in outputs]
-    return ok_result(request_id, version=version, outputs=wire)
+    if compute is None:
+        return ok_result(request_id, version=version, outputs=wire)
+    return ok_result(request_id, version=version, outputs=wire, compute=compute)
+
+
+def compute_of(msg: dict[str, Any]) -> float | None:
+    """The ``compute`` seconds of an infer response; None when absent or not a sane number."""
+    value = msg.get("compute")
+    if type(value) is not float or not 0.0 <= value < math.inf:
+        return None
+    return value
 
 
 def ok_models(request_id: int, models: list[dict[str, Any]]) -> dict[str, Any]:

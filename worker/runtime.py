@@ -179,16 +179,20 @@ class ModelRuntime:
                     f"model {self.model!r} has no output {name!r}; outputs: "
                     f"{', '.join(s.name for s in self.outputs)}")
 
-    def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> list[tuple[str, np.ndarray]]:
-        """Run the session (called off the event loop); returns (name, array) pairs in order."""
+    def run(self, inputs: dict[str, np.ndarray],
+            outputs: list[str] | None) -> tuple[list[tuple[str, np.ndarray]], float]:
+        """Run the session (called off the event loop); returns (name, array) pairs in order
+        and the seconds ORT's run took."""
         names = outputs or [spec.name for spec in self.outputs]
+        started = time.perf_counter()
         try:
             results = self.session.run(names, inputs)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             # ORT's own input checks, beyond what the signature says.
             raise errors.BadShape(f"model {self.model!r} rejected the inputs: {exc}") from exc
+        seconds = time.perf_counter() - started
         self.served += 1
-        return list(zip(names, results))
+        return list(zip(names, results)), seconds
 
     def observe(self, seconds: float) -> None:
         self.typical_seconds += (seconds - self.typical_seconds) * 0.1

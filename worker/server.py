@@ -302,7 +302,8 @@ class Worker:
                           "ok" if exc is None else getattr(exc, "code", "internal"), elapsed)
         if exc is None:
             runtime.observe(elapsed)
-            reply = protocol.ok_infer(request.id, runtime.version, future.result())
+            pairs, compute = future.result()
+            reply = protocol.ok_infer(request.id, runtime.version, pairs, compute)
         else:
             if not isinstance(exc, errors.RemoteError):
                 log.error("inference on %s failed: %s", runtime.model, exc)

@@ -255,3 +255,12 @@ def test_responses() -> None:
         with pytest.raises(cls):
             protocol.check_reply(protocol.error_reply(5, cls("m")))
         assert protocol.error_reply(5, cls("m"))["error"]["code"] == code
+
+
+def test_infer_reply_carries_compute_seconds_when_given() -> None:
+    out = [("y", np.ones(2, np.float32))]
+    assert "compute" not in protocol.ok_infer(1, 2, out)
+    reply = protocol.decode_body(protocol.encode_frame(protocol.ok_infer(1, 2, out, 0.25))[4:])
+    assert protocol.compute_of(reply) == 0.25
+    for bad in (None, 1, True, -0.5, float("nan"), float("inf"), "0.1"):
+        assert protocol.compute_of({"compute": bad}) is None

@@ -370,3 +370,28 @@ def test_background_prepare_runs_in_a_thread_of_lower_priority() -> None:
     before = own_nice()
     niced, after = asyncio.run(scenario())
     assert niced == min(19, before + BACKGROUND_NICE) and after == before
+
+
+def test_replies_say_how_long_the_model_ran(busy_worker: tuple[WorkerProcess, Path]) -> None:
+    """``compute`` is the model's own time: positive, within the call, and growing with the
+    work (a batch of 256 runs longer than a batch of 1)."""
+    worker, _ = busy_worker
+    with shmcache.Client(str(worker.socket_path), timeout=60) as client:
+        assert client.last_compute_seconds is None
+        timed: dict[int, list[float]] = {1: [], 256: []}
+        for _ in range(3):
+            for batch in timed:
+                started = time.perf_counter()
+                client.run("slow", None, slow_feed(batch))
+                call = time.perf_counter() - started
+                compute = client.last_compute_seconds
+                assert compute is not None and 0 < compute < call
+                timed[batch].append(compute)
+        assert min(timed[256]) > max(timed[1])
+
+    async def main() -> float | None:
+        async with shmcache.AsyncClient(str(worker.socket_path)) as client:
+            await client.run("slow", None, slow_feed(2))
+            return client.last_compute_seconds
+
+    assert (asyncio.run(main()) or 0) > 0
