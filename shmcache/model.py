@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +171,16 @@ def point_at_segment(tensor: TensorProto, location: str, offset: int, length: in
 
 def model_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a model file, for cache keys."""
-    return scan_model_file(path).digest
+    h = hashlib.sha256()
+    for chunk in _file_chunks(path):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_chunks(path: str | os.PathLike[str]) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(SCAN_CHUNK):
+            yield chunk
 
 
 # An external-data reference is a StringStringEntryProto whose key (field 1, length-delimited:
@@ -194,13 +203,12 @@ def scan_model_file(path: str | os.PathLike[str]) -> ModelFileScan:
     found = False
     overlap = len(EXTERNAL_LOCATION_KEY) - 1
     tail = b""  # the previous chunk's last bytes: a match may straddle two chunks
-    with open(path, "rb") as f:
-        while chunk := f.read(SCAN_CHUNK):
-            h.update(chunk)
-            if not found:
-                found = (EXTERNAL_LOCATION_KEY in tail + chunk[:overlap]
-                         or EXTERNAL_LOCATION_KEY in chunk)
-                tail = chunk[-overlap:]
+    for chunk in _file_chunks(path):
+        h.update(chunk)
+        if not found:
+            found = (EXTERNAL_LOCATION_KEY in tail + chunk[:overlap]
+                     or EXTERNAL_LOCATION_KEY in chunk)
+            tail = chunk[-overlap:]
     return ModelFileScan(h.hexdigest(), not found)
 
 

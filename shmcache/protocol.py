@@ -402,9 +402,8 @@ def ok_infer(
     """Success for ``infer``: outputs in the order the client asked for them, and how long
     the model ran (``compute`` seconds) when the worker measured it."""
     wire = [[name, tensor_to_wire(np.asarray(arr))] for name, arr in outputs]
-    if compute is None:
-        return ok_result(request_id, version=version, outputs=wire)
-    return ok_result(request_id, version=version, outputs=wire, compute=compute)
+    timing = {} if compute is None else {"compute": compute}
+    return ok_result(request_id, version=version, outputs=wire, **timing)
 
 
 def compute_of(msg: dict[str, Any]) -> float | None:

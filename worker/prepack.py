@@ -54,6 +54,7 @@ from typing import Literal
 import onnx
 
 from shmcache.errors import ModelError
+from shmcache.model import model_digest as file_digest
 from shmcache.segment import (
     FLAG_OPTIMIZED,
     FLAG_PREPACKED,
@@ -184,7 +185,7 @@ def run_prepack(
 
     _check_level(opt_level)
     if model_digest is None:
-        model_digest = _sha256_file(model_path)
+        model_digest = file_digest(model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     graph_path = out_dir / "model.opt.onnx"
     data_path = out_dir / "model.opt.data"
@@ -217,14 +218,6 @@ def run_prepack(
         data_path.write_bytes(b"")
     return PrepackOutput(graph_path, data_path, prepack_key(model_digest, opt_level, packed),
                          packed)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- reading and relocating external data -------------------------------------------------------
