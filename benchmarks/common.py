@@ -56,6 +56,11 @@ def one_worker_settings(threads: int) -> SessionSettings:
     return SessionSettings(intra_op_threads=threads, allow_spinning=spinning_pays(1, threads))
 
 
+def active_pids(status: dict) -> list[int]:
+    """Pids of the workers that accept requests, from a ``status`` reply (standbys left out)."""
+    return [w["pid"] for w in status["workers"] if w["role"] == "active"]
+
+
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     cells = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]

@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (Daemon, make_mlp, make_tiny, measure,  # noqa: E402
+from benchmarks.common import (Daemon, active_pids, make_mlp, make_tiny, measure,  # noqa: E402
                                one_worker_settings, percentile, shm_leftovers, table)
 from shmcache import Client  # noqa: E402
 from shmcache.segment import Segment  # noqa: E402
@@ -68,10 +68,6 @@ def worker_like_session(path: Path, settings: SessionSettings, prepacked: bool) 
     entries = {k: so.get_session_config_entry(k) for k in entries}
     return (ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]),
             session_options_text(so, entries))
-
-
-def active_pids(status: dict) -> list[int]:
-    return [w["pid"] for w in status["workers"] if w["role"] == "active"]
 
 
 def us(seconds: float) -> str:

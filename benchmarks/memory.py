@@ -52,8 +52,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (ServeDaemon, make_conv, make_mlp, make_tiny, shm_leftovers,  # noqa: E402
-                               shm_pages, smaps_memory, table)
+from benchmarks.common import (ServeDaemon, active_pids, make_conv, make_mlp,  # noqa: E402
+                               make_tiny, shm_leftovers, shm_pages, smaps_memory, table)
 from shmcache import Client  # noqa: E402
 
 MiB = 2**20
@@ -144,10 +144,11 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
         daemon.wait_ready()  # standby included: it boots after the active workers
         notes = drive_workers(daemon, model, shape, n)
         status = daemon.status()
-        busy = [smaps_memory(w["pid"]) for w in status["workers"] if w["role"] == "active"]
+        active = active_pids(status)
+        busy = [smaps_memory(pid) for pid in active]
         time.sleep(AT_REST)
-        per_worker = [smaps_memory(w["pid"]) for w in status["workers"] if w["role"] == "active"]
-        spares = [smaps_memory(w["pid"]) for w in status["workers"] if w["role"] != "active"]
+        per_worker = [smaps_memory(pid) for pid in active]
+        spares = [smaps_memory(w["pid"]) for w in status["workers"] if w["pid"] not in active]
         everyone = per_worker + spares + [smaps_memory(daemon.proc.pid)]
         segments = [m["segment"] for m in status["models"]]
         seg_pages = sum(shm_pages(s) for s in segments)

@@ -39,7 +39,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (ServeDaemon, make_mlp, make_tiny, measure,  # noqa: E402
+from benchmarks.common import (ServeDaemon, active_pids, make_mlp, make_tiny, measure,  # noqa: E402
                                one_worker_settings, percentile, shm_leftovers, table)
 from shmcache import Client  # noqa: E402
 
@@ -145,7 +145,7 @@ def main() -> int:
                 **{mode: through(c, "mlp", feed, compute[mode]) for mode, c in clients.items()},
             }, args.calls, args.mlp_block)
             for mode, d in daemons.items():
-                if len([w for w in d.status()["workers"] if w["role"] == "active"]) != 1:
+                if len(active_pids(d.status())) != 1:
                     notes.append(f"WARNING {mode}: workers changed: {d.status()['workers']}")
         finally:
             for c in clients.values():

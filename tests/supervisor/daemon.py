@@ -114,9 +114,10 @@ class Daemon:
 
 
 @contextmanager
-def serving(tmp: Path, models: dict[str, Path], workers: int = 2) -> Iterator[Daemon]:
+def serving(tmp: Path, models: dict[str, Path], workers: int = 2,
+            extra: list[str] | None = None) -> Iterator[Daemon]:
     """A ready daemon for one test; at the end it must stop cleanly and leave no segment."""
-    d = Daemon(tmp, models, workers=workers)
+    d = Daemon(tmp, models, workers=workers, extra=extra)
     try:
         yield d.wait_ready()
     finally:

@@ -297,8 +297,7 @@ def test_standby_catches_up_after_a_flip_and_takes_over_on_the_new_version(
     """The default warm spare is left out of the prepare (the flip does not wait for it), then
     prepares the new version; a worker dying afterwards is replaced by it, serving the new
     version only."""
-    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2).wait_ready()  # default: one standby
-    try:
+    with serving(tmp_path, {"m": weights["A"]}) as d:  # default: one standby
         (spare,) = wait_until(lambda: d.worker_pids(role="standby"), 60, "standby ready")
         assert publish(d, weights["B"]).returncode == 0
         wait_until(lambda: f"standby worker {spare} prepared m v2" in d.log_text(), 60,
@@ -311,9 +310,6 @@ def test_standby_catches_up_after_a_flip_and_takes_over_on_the_new_version(
             y, version = call(d, x)
             assert version == 2 and y.tobytes() == expected.tobytes()
         assert f"activated standby worker {spare}" in d.log_text()
-    finally:
-        assert d.stop() == 0
-    assert d.segments() == []
 
 
 def test_no_prepack_serves_the_optimized_graph_exactly_and_takes_weights_by_name(
@@ -325,14 +321,12 @@ def test_no_prepack_serves_the_optimized_graph_exactly_and_takes_weights_by_name
     from shmcache.segment import Segment
 
     conv = models.save(models.convnet(seed=9), tmp_path / "conv.onnx")
-    d = Daemon(tmp_path, {"m": weights["A"], "conv": conv}, workers=2,
-               extra=["--no-prepack"]).wait_ready()
 
     def plain(path: Path) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), SessionSettings(intra_op_threads=1).options(
             prepacked=False), providers=["CPUExecutionProvider"])
 
-    try:
+    with serving(tmp_path, {"m": weights["A"], "conv": conv}, extra=["--no-prepack"]) as d:
         for name in ("m", "conv"):
             seg = Segment.attach(next(s for s in d.segments() if f".{name}.v1." in s))
             try:
@@ -355,6 +349,3 @@ def test_no_prepack_serves_the_optimized_graph_exactly_and_takes_weights_by_name
         y, version = call(d, x)
         expected = plain(models.save(mixed, tmp_path / "mixed.onnx")).run(None, {"x": x})[0]
         assert version == 2 and y.tobytes() == expected.tobytes()
-    finally:
-        assert d.stop() == 0
-    assert d.segments() == []
