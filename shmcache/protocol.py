@@ -28,13 +28,19 @@ key        type            meaning
 =========  ==============  ===================================================================
 v          int             ``PROTOCOL_VERSION`` (1); another value -> error ``malformed``
 id         int             0 .. 2**63-1, chosen by the client, unique among its in-flight calls
-op         str             ``infer`` | ``models`` | ``ping`` (the control socket adds more);
-                           unknown -> error ``unsupported_op``
+op         str             ``infer`` | ``models`` | ``ping`` | ``attach`` (workers; the control
+                           socket has its own ops); unknown -> error ``unsupported_op``
 model      str             infer only: model name
 inputs     map str->T      infer only: input name -> tensor T
 outputs    [str] | nil     infer only, optional: output names; nil/absent = all, model order
 version    int | nil       optional: pin the weight version
+out        [int, int]      infer only, optional, needs an attached arena: [offset, nbytes] of
+                           the arena where the worker may put the outputs
 =========  ==============  ===================================================================
+
+``attach`` hands the worker a shared-memory arena for this connection (``shmcache.arena``
+draws the exchange: two replies on the request's id, with one byte carrying the memfd between
+them).
 
 Tensor T
 --------
@@ -46,6 +52,9 @@ dtype  str          numpy name, one of ``ALLOWED_DTYPES`` (else ``bad_dtype``)
 shape  [int]        non-negative ints, at most ``MAX_DIMS`` (32); [] is a scalar
 data   bin          raw little-endian C-order bytes, len == prod(shape) * itemsize
                     (else ``bad_shape``)
+shm    [int, int]   instead of ``data``, on a connection with an arena: [offset, nbytes] of
+                    the same bytes in the arena (nbytes checked like len(data); a range
+                    outside the arena -> ``malformed``)
 =====  ===========  ==========================================================================
 
 Response (worker -> client)
@@ -83,7 +92,7 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -114,6 +123,8 @@ ALLOWED_DTYPES: frozenset[str] = frozenset(
 DEFAULT_OPS: frozenset[str] = frozenset({"infer", "models", "ping"})
 # Ops a client may resend on a fresh connection after a broken one: they change nothing.
 IDEMPOTENT_OPS: frozenset[str] = DEFAULT_OPS
+ATTACH = "attach"
+WORKER_OPS: frozenset[str] = DEFAULT_OPS | {ATTACH}
 
 # The wire is little-endian whatever the host is; "<" keeps frombuffer honest on big-endian
 # hosts and makes the equality test in tensor_to_wire a no-op (no copy) on little-endian ones.
@@ -242,16 +253,23 @@ class FrameDecoder:
 # --- tensors --------------------------------------------------------------------------------
 
 
+class ArenaView(Protocol):
+    """Where ``shm`` tensors live: ``shmcache.arena``'s WorkerArena (a view, no copy) or
+    ClientArena (a copy, since the client reuses the region on its next call)."""
+
+    def view(self, offset: int, nbytes: int) -> bytes | memoryview: ...
+
+
 def as_c_contiguous(arr: np.ndarray) -> np.ndarray:
     """``np.ascontiguousarray`` that keeps 0-d arrays 0-d (it turns a scalar into shape (1,))."""
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
-def tensor_to_wire(arr: np.ndarray) -> dict[str, Any]:
-    """Describe ``arr`` as a wire tensor; ``data`` is a view of the array, not a copy.
+def wire_array(arr: np.ndarray) -> tuple[str, np.ndarray]:
+    """The wire dtype name and a C-contiguous little-endian array of the same values.
 
-    Only big-endian or non-contiguous arrays are converted (one copy each); msgpack then copies
-    the view once into its buffer.  Unsupported dtypes raise ``BadDtype``.
+    Only big-endian or non-contiguous arrays are converted (one copy each).  Unsupported
+    dtypes raise ``BadDtype``.
     """
     name = _NAME_OF.get(arr.dtype) or arr.dtype.name
     wire = _WIRE_DTYPES.get(name)
@@ -259,31 +277,56 @@ def tensor_to_wire(arr: np.ndarray) -> dict[str, Any]:
         raise errors.BadDtype(f"dtype {arr.dtype} is not one of {sorted(ALLOWED_DTYPES)}")
     if arr.dtype != wire:
         arr = arr.astype(wire, order="C")
-    arr = as_c_contiguous(arr)
+    return name, as_c_contiguous(arr)
+
+
+def tensor_to_wire(arr: np.ndarray) -> dict[str, Any]:
+    """Describe ``arr`` as a wire tensor; ``data`` is a view of the array, not a copy
+    (msgpack then copies the view once into its buffer)."""
+    name, arr = wire_array(arr)
     return {"dtype": name, "shape": list(arr.shape), "data": arr.reshape(-1).view(np.uint8).data}
 
 
-def tensor_from_wire(obj: object) -> np.ndarray:
-    """Check a wire tensor and return a read-only array over its bytes (no copy)."""
+def tensor_ref(dtype_name: str, shape: Iterable[int], offset: int, nbytes: int) -> dict[str, Any]:
+    """A wire tensor whose bytes are in the connection's arena."""
+    return {"dtype": dtype_name, "shape": list(shape), "shm": [offset, nbytes]}
+
+
+def tensor_from_wire(obj: object, arena: ArenaView | None = None) -> np.ndarray:
+    """Check a wire tensor and return an array over its bytes (no copy of ``data``; an ``shm``
+    tensor reads from ``arena``)."""
     if not isinstance(obj, dict):
         raise errors.Malformed(f"tensor must be a map, got {type(obj).__name__}")
-    dtype_name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    dtype_name, shape = obj.get("dtype"), obj.get("shape")
     if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
         raise errors.BadDtype(f"dtype {dtype_name!r} is not one of {sorted(ALLOWED_DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise errors.BadShape(f"shape must be a list of at most {MAX_DIMS} ints, got {shape!r}")
     if not all(type(d) is int and d >= 0 for d in shape):
         raise errors.BadShape(f"shape must hold non-negative ints, got {shape!r}")
-    if not isinstance(data, bytes):
-        raise errors.Malformed(f"tensor data must be bin, got {type(data).__name__}")
     dtype = _WIRE_DTYPES[dtype_name]
     # Python ints: a hostile shape like [2**62, 2**62] must not overflow into a match.
     expected = math.prod(shape) * dtype.itemsize
+    data = _tensor_bytes(obj, arena)
     if len(data) != expected:
         raise errors.BadShape(
             f"data has {len(data)} bytes, shape {shape} of {dtype_name} needs {expected}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _tensor_bytes(obj: dict[str, Any], arena: ArenaView | None) -> bytes | memoryview:
+    if "shm" not in obj:
+        data = obj.get("data")
+        if not isinstance(data, bytes):
+            raise errors.Malformed(f"tensor data must be bin, got {type(data).__name__}")
+        return data
+    ref = obj["shm"]
+    if not (isinstance(ref, list) and len(ref) == 2 and all(_is_int(v) and v >= 0 for v in ref)):
+        raise errors.Malformed(f"shm must be [offset, nbytes] of non-negative ints, got {ref!r}")
+    if arena is None:
+        raise errors.Malformed("tensor refers to shared memory, but this connection has no arena")
+    return arena.view(ref[0], ref[1])
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -300,19 +343,21 @@ class Request:
     outputs: list[str] | None
     version: int | None
     raw: dict[str, Any]
+    out: tuple[int, int] | None = None  # arena region for the outputs
 
 
 def _is_int(value: object) -> bool:
     return type(value) is int  # bool is an int subclass, and never a valid id or version
 
 
-def parse_request(msg: object, ops: frozenset[str] = DEFAULT_OPS) -> Request:
+def parse_request(msg: object, ops: frozenset[str] = DEFAULT_OPS,
+                  arena: ArenaView | None = None) -> Request:
     """Validate a decoded frame as a request.
 
     Raises ``Malformed`` with ``request_id=None`` when the frame has no usable id (the caller
     must close the connection), otherwise a typed ``RemoteError`` carrying the request id so
     the caller can answer it and keep the connection.  ``ops`` lets the control socket accept
-    its own ops through the same checks.
+    its own ops through the same checks; ``arena`` is the connection's, for ``shm`` tensors.
     """
     if not isinstance(msg, dict):
         raise errors.Malformed(f"request must be a map, got {type(msg).__name__}")
@@ -320,13 +365,14 @@ def parse_request(msg: object, ops: frozenset[str] = DEFAULT_OPS) -> Request:
     if not _is_int(rid) or not 0 <= rid <= MAX_ID:
         raise errors.Malformed(f"request id must be an int in 0..2**63-1, got {rid!r}")
     try:
-        return _parse_fields(rid, msg, ops)
+        return _parse_fields(rid, msg, ops, arena)
     except errors.RemoteError as exc:
         exc.request_id = rid
         raise
 
 
-def _parse_fields(rid: int, msg: dict[str, Any], ops: frozenset[str]) -> Request:
+def _parse_fields(rid: int, msg: dict[str, Any], ops: frozenset[str],
+                  arena: ArenaView | None) -> Request:
     if msg.get("v") != PROTOCOL_VERSION:
         raise errors.Malformed(
             f"protocol version {msg.get('v')!r} not supported; this server speaks version "
@@ -353,11 +399,21 @@ def _parse_fields(rid: int, msg: dict[str, Any], ops: frozenset[str]) -> Request
     raw_inputs = msg.get("inputs")
     if raw_inputs is None and op == "infer":
         raise errors.Malformed("infer needs inputs")
-    inputs = _parse_inputs(raw_inputs) if raw_inputs is not None else {}
-    return Request(rid, op, model, inputs, outputs, version, msg)
+    inputs = _parse_inputs(raw_inputs, arena) if raw_inputs is not None else {}
+    return Request(rid, op, model, inputs, outputs, version, msg, _parse_out(msg.get("out"), arena))
 
 
-def _parse_inputs(raw: object) -> dict[str, np.ndarray]:
+def _parse_out(out: object, arena: ArenaView | None) -> tuple[int, int] | None:
+    if out is None:
+        return None
+    if not (isinstance(out, list) and len(out) == 2 and all(_is_int(v) and v >= 0 for v in out)):
+        raise errors.Malformed(f"out must be [offset, nbytes] of non-negative ints, got {out!r}")
+    if arena is None:
+        raise errors.Malformed("out names an arena region, but this connection has no arena")
+    return out[0], out[1]
+
+
+def _parse_inputs(raw: object, arena: ArenaView | None) -> dict[str, np.ndarray]:
     if not isinstance(raw, dict):
         raise errors.Malformed(f"inputs must be a map, got {type(raw).__name__}")
     inputs: dict[str, np.ndarray] = {}
@@ -365,7 +421,7 @@ def _parse_inputs(raw: object) -> dict[str, np.ndarray]:
         if not isinstance(name, str):
             raise errors.Malformed(f"input names must be str, got {name!r}")
         try:
-            inputs[name] = tensor_from_wire(tensor)
+            inputs[name] = tensor_from_wire(tensor, arena)
         except errors.RemoteError as exc:
             exc.message = f"input {name!r}: {exc.message}"
             exc.args = (exc.message,)
@@ -395,13 +451,28 @@ def ok_result(request_id: int, **fields: object) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **fields}
 
 
+class OutputPlacer(Protocol):
+    """Puts outputs into a client's arena region: ``shmcache.arena.WorkerArena``."""
+
+    def place(self, arrays: list[np.ndarray], out: tuple[int, int]) -> list[int | None]: ...
+
+
 def ok_infer(
     request_id: int, version: int, outputs: Iterable[tuple[str, np.ndarray]],
-    compute: float | None = None,
+    compute: float | None = None, arena: OutputPlacer | None = None,
+    out: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Success for ``infer``: outputs in the order the client asked for them, and how long
-    the model ran (``compute`` seconds) when the worker measured it."""
-    wire = [[name, tensor_to_wire(np.asarray(arr))] for name, arr in outputs]
+    the model ran (``compute`` seconds) when the worker measured it.  With an ``arena`` and
+    the request's ``out`` region, outputs that fit are copied there and sent as ``shm``."""
+    named = [(name, *wire_array(np.asarray(arr))) for name, arr in outputs]
+    offsets: list[int | None] = [None] * len(named)
+    if arena is not None and out is not None:
+        offsets = arena.place([arr for _, _, arr in named], out)
+    wire = [[name, tensor_ref(dtype, arr.shape, off, arr.nbytes) if off is not None
+             else {"dtype": dtype, "shape": list(arr.shape),
+                   "data": arr.reshape(-1).view(np.uint8).data}]
+            for (name, dtype, arr), off in zip(named, offsets)]
     timing = {} if compute is None else {"compute": compute}
     return ok_result(request_id, version=version, outputs=wire, **timing)
 
@@ -451,8 +522,9 @@ def check_reply(msg: dict[str, Any]) -> dict[str, Any]:
     raise errors.error_from_code(str(code), str(message), rid)
 
 
-def outputs_from_reply(msg: dict[str, Any]) -> list[np.ndarray]:
-    """The output arrays of a successful infer response, in wire order."""
+def outputs_from_reply(msg: dict[str, Any], arena: ArenaView | None = None) -> list[np.ndarray]:
+    """The output arrays of a successful infer response, in wire order (``shm`` outputs are
+    read from ``arena``)."""
     pairs = msg.get("outputs")
     if not isinstance(pairs, list):
         raise errors.Malformed("infer response has no outputs list")
@@ -460,5 +532,5 @@ def outputs_from_reply(msg: dict[str, Any]) -> list[np.ndarray]:
     for pair in pairs:
         if not isinstance(pair, list) or len(pair) != 2:
             raise errors.Malformed(f"output entry must be [name, tensor], got {pair!r}"[:200])
-        out.append(tensor_from_wire(pair[1]))
+        out.append(tensor_from_wire(pair[1], arena))
     return out

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from shmcache import errors, protocol
+from shmcache.arena import WorkerArena
 from shmcache.state import VersionTable
 from worker.heap import IdleHeapTrimmer
 from worker.runtime import ModelRuntime, SessionSettings
@@ -65,6 +66,7 @@ HEARTBEAT = 1.0
 INLINE_BELOW = 0.0005  # seconds: models typically faster than this run on the loop thread
 PR_SET_PDEATHSIG = 1
 BACKGROUND_NICE = 10  # added to a background prepare thread's nice value
+ATTACH_TIMEOUT = 5.0  # seconds a client has to send its arena's fd after asking to attach
 
 T = TypeVar("T")
 
@@ -208,7 +210,7 @@ class Worker:
 
     def handle(self, conn: ClientConnection, msg: dict[str, Any]) -> None:
         try:
-            request = protocol.parse_request(msg)
+            request = protocol.parse_request(msg, protocol.WORKER_OPS, conn.arena)
         except errors.RemoteError as exc:
             if exc.request_id is None:
                 raise
@@ -219,6 +221,8 @@ class Worker:
                 conn.send(protocol.ok_ping(request.id, True, pid=os.getpid(), **self.versions()))
             elif request.op == "models":
                 conn.send(protocol.ok_models(request.id, [r.signature() for r in self.current_runtimes()]))
+            elif request.op == protocol.ATTACH:
+                conn.start_attach(request.id)
             else:
                 self.start_infer(conn, request)
         except errors.RemoteError as exc:
@@ -303,7 +307,8 @@ class Worker:
         if exc is None:
             runtime.observe(elapsed)
             pairs, compute = future.result()
-            reply = protocol.ok_infer(request.id, runtime.version, pairs, compute)
+            reply = protocol.ok_infer(request.id, runtime.version, pairs, compute,
+                                      conn.arena, request.out)
         else:
             if not isinstance(exc, errors.RemoteError):
                 log.error("inference on %s failed: %s", runtime.model, exc)
@@ -410,6 +415,9 @@ class ClientConnection(FramedConnection):
         self.worker = worker
         self.inflight = 0
         self.finishing = False
+        self.arena: WorkerArena | None = None
+        self.attaching: socket.socket | None = None  # our dup of the socket while an fd comes
+        self.attach_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -418,6 +426,83 @@ class ClientConnection(FramedConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         self.worker.connections.discard(self)
         self.transport = None
+        self.stop_attaching()
+        self.set_arena(None)
+
+    # --- arena hand-off (shmcache.arena draws it) ---
+
+    def start_attach(self, rid: int) -> None:
+        """Stop reading the stream, say "send it", and wait for one byte carrying an fd.
+
+        uvloop reads with plain recv, which would drop the fd, so the byte is read by our own
+        recvmsg on a dup of the socket while the transport's reading is paused.
+        """
+        if self.attaching is not None or self.transport is None:
+            raise errors.Malformed("attach already in progress")
+        self.transport.pause_reading()
+        self.attaching = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
+        self.attaching.setblocking(False)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.attaching.fileno(), self.receive_arena, rid)
+        self.attach_timer = loop.call_later(ATTACH_TIMEOUT, self.attach_timed_out)
+        self.send(protocol.ok_result(rid, send_fd=True))
+
+    def receive_arena(self, rid: int) -> None:
+        assert self.attaching is not None
+        try:
+            data, fds = recv_fds(self.attaching)
+        except BlockingIOError:
+            return
+        except errors.Malformed as exc:
+            self.stop_attaching()
+            self.send(protocol.error_reply(rid, exc))
+            self.close_now()  # the byte that carried them is read; the rest may be fds too
+            return
+        except OSError as exc:
+            log.warning("arena hand-off failed: %s", exc)
+            self.stop_attaching()
+            self.close_now()
+            return
+        self.stop_attaching()
+        if not data:  # the client hung up
+            self.close_now()
+            return
+        try:
+            if len(fds) != 1:
+                raise errors.Malformed(f"attach expects exactly one fd, got {len(fds)}")
+            arena = WorkerArena.adopt(fds.pop(), self.arena_limit)
+            self.set_arena(arena)
+            self.send(protocol.ok_result(rid, size=arena.size, limit=self.arena_limit))
+        except errors.RemoteError as exc:
+            self.send(protocol.error_reply(rid, exc))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if self.transport is not None and not self.finishing:
+            self.transport.resume_reading()
+
+    def attach_timed_out(self) -> None:
+        log.warning("a client asked to attach an arena and sent no fd within %ss", ATTACH_TIMEOUT)
+        self.stop_attaching()
+        self.close_now()
+
+    def stop_attaching(self) -> None:
+        if self.attaching is not None:
+            asyncio.get_running_loop().remove_reader(self.attaching.fileno())
+            if self.attach_timer is not None:
+                self.attach_timer.cancel()
+            self.attaching.close()  # our dup only; the transport's socket stays open
+            self.attaching = None
+
+    @property
+    def arena_limit(self) -> int:
+        """Largest arena a client may hand us: a frame's worth of inputs and of outputs."""
+        return 2 * self.worker.config.max_frame
+
+    def set_arena(self, arena: WorkerArena | None) -> None:
+        if self.arena is not None:
+            self.arena.close()
+        self.arena = arena
 
     def on_message(self, msg: dict[str, Any]) -> None:
         if not self.finishing:
@@ -488,6 +573,23 @@ class ControlConnection(FramedConnection):
         # The supervisor is gone (or closed our channel): nobody coordinates us any more.
         log.warning("worker %d lost its supervisor; exiting", os.getpid())
         os._exit(WORKER_LOST_SUPERVISOR)
+
+
+def recv_fds(sock: socket.socket, max_fds: int = 4) -> tuple[bytes, list[int]]:
+    """One byte and the fds that came with it (close-on-exec). More than ``max_fds`` (the
+    kernel closed the rest) -> ``Malformed``, after closing the ones that arrived."""
+    data, ancdata, flags, _ = sock.recvmsg(
+        1, socket.CMSG_SPACE(max_fds * 4), socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds += memoryview(payload)[:usable].cast("i").tolist()
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise errors.Malformed(f"attach expects exactly one fd, got more than {max_fds}")
+    return data, fds
 
 
 async def in_niced_thread(fn: Callable[..., T], *args: object) -> T:

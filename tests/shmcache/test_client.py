@@ -104,6 +104,8 @@ def test_run_with_version_and_python_inputs(client: Client) -> None:
 
 
 def test_large_tensor_round_trip(client: Client) -> None:
+    """Also: the fake server knows no ``attach``; the client's offer of an arena is refused
+    with unsupported_op, and every call goes inline instead."""
     x = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)  # 4 MiB each way
     (y,) = client.run("add_one", ["y"], {"x": x})
     np.testing.assert_array_equal(y, x + 1)
