@@ -12,6 +12,10 @@ the tiny model (one 16x16 MatMul, batch 1): the default (pre-packed segment) and
   * worker-options sessions (``one_worker_settings(T).options``: level all, spinning as the
     daemon allows it, pre-packing as the worker has it) for the tiny model's round trip and the bit-identity check.
 
+The pre-packed daemon is called through two clients: the default one, which passes the
+tensors through a memfd arena shared with its worker (shmcache/arena.py), and one with
+``shared_memory=False``, which sends them over the socket (for comparison; no target).
+
 Round-trip overhead = p50 of the tiny model through the daemon - p50 of the same model in
 process with the worker's options, measured in the same run.
 
@@ -46,6 +50,9 @@ from shmcache import Client  # noqa: E402
 
 RATIO_TARGET = 1.05
 MODES = {"pre-packed": [], "no-prepack": ["--no-prepack"]}
+# The pre-packed daemon once more through a client that sends every tensor over the socket
+# (Client(shared_memory=False)): what the memfd arenas save, in the same run.
+INLINE = "pre-packed, inline tensors"
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,6 +97,8 @@ def main() -> int:
                                          for m in status["models"])
                              + (" (FELL BACK to plain weights)" if fell_back else ""))
                 clients[mode] = Client(d.sock, timeout=120.0)
+            clients[INLINE] = Client(daemons["pre-packed"].sock, timeout=120.0,
+                                     shared_memory=False)
 
             # In-process sessions.
             dso = ort.SessionOptions()
@@ -124,8 +133,8 @@ def main() -> int:
 
             feed = {"x": inputs[0]}
             tiny_feed = {"x": np.ones((1, 16), np.float32)}
-            compute: dict[str, list[float]] = {mode: [] for mode in MODES}
-            beyond: dict[str, list[float]] = {mode: [] for mode in MODES}
+            compute: dict[str, list[float]] = {side: [] for side in clients}
+            beyond: dict[str, list[float]] = {side: [] for side in clients}
 
             def through(c: Client, model: str, f: dict[str, np.ndarray],
                         ran: list[float] | None = None,
@@ -142,14 +151,14 @@ def main() -> int:
 
             tiny = measure({
                 "in-process": lambda: tiny_same.run(None, tiny_feed),
-                **{mode: through(c, "tiny", tiny_feed) for mode, c in clients.items()},
+                **{mode: through(clients[mode], "tiny", tiny_feed) for mode in MODES},
             }, args.tiny_calls, args.block)
             mlp = measure({
                 "default": lambda: default.run(None, feed),
                 "default twin": lambda: twin.run(None, feed),
                 "same-options pre-packed": lambda: same["pre-packed"].run(None, feed),
-                **{mode: through(c, "mlp", feed, compute[mode], beyond[mode])
-                   for mode, c in clients.items()},
+                **{side: through(c, "mlp", feed, compute[side], beyond[side])
+                   for side, c in clients.items()},
             }, args.calls, args.mlp_block)
             for mode, d in daemons.items():
                 if len(active_pids(d.status())) != 1:
@@ -171,12 +180,13 @@ def main() -> int:
                      ms(percentile(v, 99)), f"{overhead[mode] * 1e6:.0f} us overhead", "-", "-",
                      "-"])
     checks = []
-    for side in ["default", "default twin", "same-options pre-packed", *MODES]:
+    for side in ["default", "default twin", "same-options pre-packed", *MODES, INLINE]:
         v = mlp[side]
         p50 = percentile(v, 50)
         label = {"default": "in-process default (baseline)",
                  "default twin": "in-process default, 2nd session",
-                 "same-options pre-packed": "in-process, worker options"}.get(side, f"daemon {side}")
+                 "same-options pre-packed": "in-process, worker options",
+                 INLINE: "daemon pre-packed, tensors inline"}.get(side, f"daemon {side}")
         target, met, ident = "-", "-", "-"
         if side in MODES:
             bound = RATIO_TARGET * base50 + overhead[side]
@@ -196,11 +206,11 @@ def main() -> int:
     print()
     print("target applies to the default (pre-packed) mode; --no-prepack is shown for comparison "
           "(its bit-identity is against a session with session.disable_prepacking=1)")
-    for mode in MODES:
-        if compute[mode]:
-            ran, rest = compute[mode][-args.calls:], beyond[mode][-args.calls:]  # no warm-up
+    for side in [*MODES, INLINE]:
+        if compute[side]:
+            ran, rest = compute[side][-args.calls:], beyond[side][-args.calls:]  # no warm-up
             c50 = percentile(ran, 50)
-            print(f"daemon {mode}: the model ran {ms(c50)} ms in the worker (p50 of the replies' "
+            print(f"daemon {side}: the model ran {ms(c50)} ms in the worker (p50 of the replies' "
                   f"compute, {c50 / base50:.3f}x the baseline); each call's time beyond its "
                   f"compute (dispatch and moving {feed['x'].nbytes // 1024} KiB in and out): "
                   f"p50 {ms(percentile(rest, 50))} ms, p90 {ms(percentile(rest, 90))} ms")

@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--steady", type=float, default=10.0, help="seconds of steady state first")
     p.add_argument("--no-prepack", action="store_true", help="serve plain segments")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="clients send tensors inline (Client(shared_memory=False))")
     return p.parse_args()
 
 
@@ -85,9 +87,9 @@ def digest(a: np.ndarray) -> bytes:
 
 
 def client_loop(sock: Path, inputs: list[np.ndarray], stop: threading.Event, out: list[Call],
-                offset: int) -> None:
+                offset: int, shared_memory: bool = True) -> None:
     i = offset
-    client = Client(sock, timeout=120.0)
+    client = Client(sock, timeout=120.0, shared_memory=shared_memory)
     try:
         while not stop.is_set():
             k = i % len(inputs)
@@ -99,7 +101,7 @@ def client_loop(sock: Path, inputs: list[np.ndarray], stop: threading.Event, out
             except Exception as exc:  # every failure is a finding: record it, reconnect
                 out.append(Call(t0, time.perf_counter(), k, error=f"{type(exc).__name__}: {exc}"))
                 client.close()
-                client = Client(sock, timeout=120.0)
+                client = Client(sock, timeout=120.0, shared_memory=shared_memory)
     finally:
         client.close()
 
@@ -148,7 +150,8 @@ def main() -> int:
             status = daemon.status()
             first_version = status["models"][0]["version"]
             threads = [threading.Thread(target=client_loop,
-                                        args=(daemon.sock, inputs, stop, calls[i], i * 3))
+                                        args=(daemon.sock, inputs, stop, calls[i], i * 3,
+                                              not args.no_shared_memory))
                        for i in range(args.clients)]
             for t in threads:
                 t.start()
@@ -219,6 +222,7 @@ def main() -> int:
     mode = "plain (--no-prepack)" if args.no_prepack else "pre-packed"
     print(f"swap: {args.mib} MiB MLP, {mode} segments, {args.workers} workers x {args.threads} "
           f"thread(s), --keep 1, {args.clients} client threads, batch {BATCH}, "
+          f"tensors {'inline' if args.no_shared_memory else 'through arenas'}, "
           f"{args.publishes} publishes alternating B, A, ...; seconds")
     print("write = publish start -> segment built (incl. durable copy); prepare = built -> flip "
           "(workers map + create + warm sessions); total = start -> flip; "
