@@ -1,7 +1,8 @@
 """The worker process: answer clients on the shared socket, report to the supervisor.
 
 A worker is forked by the supervisor with two inherited sockets: the client-facing listening
-socket (shared by every worker; the kernel hands each new connection to one of them) and its own
+socket (shared by every worker; a connection stays with the worker that accepted it, and the
+worker holding fewest connections accepts first, see Acceptor) and its own
 end of a control socketpair. It maps the models' segments, creates one ONNX Runtime session per
 model after fork, warms each up, tells the supervisor it is ready, and only then accepts.
 
@@ -67,6 +68,9 @@ INLINE_BELOW = 0.0005  # seconds: models typically faster than this run on the l
 PR_SET_PDEATHSIG = 1
 BACKGROUND_NICE = 10  # added to a background prepare thread's nice value
 ATTACH_TIMEOUT = 5.0  # seconds a client has to send its arena's fd after asking to attach
+ACCEPT_STEP = 0.010  # seconds a worker waits before accepting, per connection it already has
+ACCEPT_MAX_DELAY = 0.050
+ACCEPT_RETRY = 0.1  # seconds before accepting again after accept() failed (EMFILE, say)
 
 T = TypeVar("T")
 
@@ -114,7 +118,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.hot_until = 0.0
         self.spinning = False
-        self.server: asyncio.AbstractServer | None = None
+        self.acceptor = Acceptor(self, listener)
         self.control: ControlConnection | None = None
 
     # --- boot ---------------------------------------------------------------------------
@@ -156,8 +160,8 @@ class Worker:
             return WORKER_BOOT_ERROR
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGQUIT, os._exit, WORKER_OK)
-        self.server = await loop.create_unix_server(
-            lambda: ClientConnection(self), sock=self.listener, start_serving=self.config.serving)
+        if self.config.serving:
+            self.acceptor.start()
         self.control.send({"op": "ready", "pid": os.getpid(), "models": self.current_versions()})
         self.heap.note_activity()  # session creation's leftovers go back once idle
         beat = asyncio.ensure_future(self._heartbeat())
@@ -176,8 +180,7 @@ class Worker:
 
     async def drain(self) -> None:
         """Graceful stop: no new connections or requests; answer what was read; then close."""
-        if self.server is not None:
-            self.server.close()
+        self.acceptor.stop()
         for conn in list(self.connections):
             conn.finish()
         deadline = time.monotonic() + self.config.graceful_timeout
@@ -359,14 +362,90 @@ class Worker:
 
     async def activate(self) -> None:
         """A standby becomes an active worker: it starts accepting on the shared socket."""
-        if self.server is not None and not self.server.is_serving():
-            await self.server.start_serving()
+        if not self.acceptor.serving and not self.stopping.is_set():
+            self.acceptor.start()
             log.info("worker %d activated", os.getpid())
 
     def drop(self, model: str, version: int) -> None:
         """Forget a version; requests still running on it keep their reference until done."""
         if version != self.current_version(model):
             self.runtimes.get(model, {}).pop(version, None)
+
+
+class Acceptor:
+    """Accepts on the listening socket every worker shares, least-connected worker first.
+
+    The kernel wakes every worker polling the socket for each new connection, and whichever
+    calls accept() first keeps that connection for its lifetime. Left to that race, the 3
+    clients of benchmarks/swap.py landed on one of its 2 workers in about half the runs (the
+    other idle; steady p50 100 ms instead of 57 ms). So a worker holding k connections waits
+    k x ACCEPT_STEP before it tries: a worker with fewer takes the connection first, and one
+    that is slow to wake, or stuck, only delays it.
+    """
+
+    def __init__(self, worker: Worker, listener: socket.socket) -> None:
+        self.worker = worker
+        self.listener = listener
+        self.serving = False
+        self.adopting = 0  # accepted, transport not made yet
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        self.serving = True
+        self._watch()
+
+    def stop(self) -> None:
+        self.serving = False
+        asyncio.get_running_loop().remove_reader(self.listener.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def delay(self) -> float:
+        held = len(self.worker.connections) + self.adopting
+        return min(ACCEPT_MAX_DELAY, held * ACCEPT_STEP)
+
+    def _watch(self) -> None:
+        if self.serving:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        # Stop watching while we wait, or a level-triggered poll would call us in a loop.
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.listener.fileno())
+        delay = self.delay()
+        if delay == 0:
+            self._accept()
+        else:
+            self.timer = loop.call_later(delay, self._accept)
+
+    def _accept(self) -> None:
+        self.timer = None
+        if not self.serving:
+            return
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            pass  # another worker took it
+        except OSError as exc:  # out of fds, say: keep serving the connections we have
+            log.warning("worker %d cannot accept: %s", os.getpid(), exc)
+            self.timer = asyncio.get_running_loop().call_later(ACCEPT_RETRY, self._watch)
+            return
+        else:
+            self.adopting += 1
+            asyncio.ensure_future(self._adopt(sock))
+        self._watch()
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: ClientConnection(self.worker), sock=sock)
+        except OSError as exc:  # the client is already gone
+            log.debug("accepted connection lost at once: %s", exc)
+            sock.close()
+        finally:
+            self.adopting -= 1
 
 
 class FramedConnection(asyncio.Protocol):
@@ -422,6 +501,8 @@ class ClientConnection(FramedConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.worker.connections.add(self)
+        if self.worker.stopping.is_set():  # accepted just before the stop: nothing read yet
+            self.finish()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.worker.connections.discard(self)

@@ -8,6 +8,7 @@ import signal
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +78,21 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=60)
+
+
+def test_each_new_connection_goes_to_the_least_connected_worker(daemon: Daemon) -> None:
+    """A connection stays with the worker that accepted it, so who accepts decides the load:
+    six clients of two workers must end up three and three, not to whoever woke first."""
+    workers = set(daemon.worker_pids())
+    assert len(workers) == 2
+    clients = [shmcache.Client(str(daemon.socket)) for _ in range(6)]
+    try:
+        pids = [c.ping()["pid"] for c in clients]  # one after another, each one answered
+        assert set(pids) == workers
+        assert sorted(Counter(pids).values()) == [3, 3], pids
+    finally:
+        for c in clients:
+            c.close()
 
 
 def test_killed_worker_is_replaced_without_failing_a_call(
