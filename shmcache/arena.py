@@ -1,9 +1,10 @@
 """Large tensors through shared memory instead of the socket: a connection's arena.
 
-Moving a 512 KiB input and a 512 KiB output through the Unix socket cost 2.6-2.9 ms a call on
-this 2-core VM (benchmarks/speed.py, 256 MiB MLP at batch 32): every byte is copied into the
-kernel, out of it, into msgpack's buffer and out of it, on both sides, in 64 KiB reads that
-each wake a process. An arena is a memfd the *client* creates, seals against shrinking and
+Through the Unix socket, a call's 512 KiB input and 512 KiB output cost 2.0 ms on this 2-core
+VM beyond the model's run (benchmarks/speed.py, 256 MiB MLP at batch 32, p50 per call): every
+byte is copied into the kernel, out of it, into msgpack's buffer and out of it, on both sides,
+in 64 KiB reads that each wake a process. Through an arena: 1.46 ms, in the same run (the rest
+is thread and process wake-ups, and three copies that miss the cache after the model's run). An arena is a memfd the *client* creates, seals against shrinking and
 hands to the worker once per connection (SCM_RIGHTS); afterwards a request carries only
 offsets. The client copies its inputs in once; the worker's model reads them in place; the
 worker copies the outputs in once; the client copies them out once.
@@ -27,7 +28,8 @@ Hand-off (op ``attach``)::
     {op: attach, id}            ------->     stops reading the connection
                                 <-------     {id, ok, send_fd: true}
     1 byte + SCM_RIGHTS(memfd)  ------->     recvmsg; checks the fd (below); maps it
-                                <-------     {id, ok, size} (or an error; inline goes on)
+                                <-------     {id, ok, size, limit} (or an error: the
+                                             client goes on inline)
 
 Why the worker can trust the mapping: it accepts only a memfd whose seals include
 ``F_SEAL_SHRINK``, which nobody can remove, so no page it has mapped can disappear under it
