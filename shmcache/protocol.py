@@ -410,6 +410,7 @@ def _parse_out(out: object, arena: ArenaView | None) -> tuple[int, int] | None:
         raise errors.Malformed(f"out must be [offset, nbytes] of non-negative ints, got {out!r}")
     if arena is None:
         raise errors.Malformed("out names an arena region, but this connection has no arena")
+    arena.view(out[0], out[1])  # checked against the arena now, like the inputs, not after the run
     return out[0], out[1]
 
 

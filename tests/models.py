@@ -164,3 +164,14 @@ def echo(dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
 def slow(size: int = 768, layers: int = 6, seed: int = 5) -> onnx.ModelProto:
     """A chain of square MatMuls: a few ms per batch-64 call, to keep a worker busy."""
     return mlp(tuple([size] * (layers + 1)), seed=seed)
+
+
+def text_output(size: int = 768, layers: int = 4, seed: int = 6) -> onnx.ModelProto:
+    """``slow``'s chain of MatMuls with its output cast to strings: a few ms per call (run in
+    the worker's pool) and an output dtype the wire cannot carry."""
+    model = slow(size, layers, seed)
+    graph = model.graph
+    graph.node[-1].output[0] = "y_float"
+    graph.node.append(helper.make_node("Cast", ["y_float"], ["y"], to=TensorProto.STRING))
+    graph.output[0].type.tensor_type.elem_type = TensorProto.STRING
+    return model

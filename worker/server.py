@@ -304,14 +304,18 @@ class Worker:
         self.served += 1
         self.heap.note_activity()
         exc = future.exception()
+        if exc is None:
+            pairs, compute = future.result()
+            try:
+                reply = protocol.ok_infer(request.id, runtime.version, pairs, compute,
+                                          conn.arena, request.out)
+            except Exception as unsendable:  # an output the wire cannot carry: this call's error
+                exc = unsendable
         elapsed = time.perf_counter() - started
         self.request_stats.record(runtime.model, runtime.version,
                           "ok" if exc is None else getattr(exc, "code", "internal"), elapsed)
         if exc is None:
             runtime.observe(elapsed)
-            pairs, compute = future.result()
-            reply = protocol.ok_infer(request.id, runtime.version, pairs, compute,
-                                      conn.arena, request.out)
         else:
             if not isinstance(exc, errors.RemoteError):
                 log.error("inference on %s failed: %s", runtime.model, exc)

@@ -216,3 +216,26 @@ def test_too_many_fds_or_a_hang_up_mid_hand_off_cost_only_that_connection(
     with connect(w.socket_path) as sock:
         assert ping_ok(sock)
     assert open_fds(w.proc.pid) == fds_before
+
+
+def test_an_output_region_outside_the_arena_is_one_bad_request(
+        worker: tuple[WorkerProcess, dict[str, Path]]) -> None:
+    """Checked when the request is read, like its inputs: the answer, on the loop thread or
+    from the pool, must be an error on that request, never a reply that cannot be built."""
+    w, _ = worker
+    arena = ClientArena(1 << 20)
+    try:
+        with connect(w.socket_path) as sock:
+            assert attach(sock, [arena.fd])["ok"] is True
+            x = RNG.standard_normal((2048, 16)).astype(np.float32)  # a run of a few ms: pooled
+            arena.write(0, x)
+            for rid in range(5, 9):
+                msg = protocol.make_request(rid, "infer", model="widen", inputs=None,
+                                            out=[1 << 22, 1 << 25])  # past the 1 MiB arena
+                msg["inputs"] = {"x": protocol.tensor_ref("float32", [2048, 16], 0, x.nbytes)}
+                sock.sendall(protocol.encode_frame(msg))
+                reply = read_frame(sock)
+                assert reply["id"] == rid and reply["error"]["code"] == "malformed", reply
+            assert ping_ok(sock)
+    finally:
+        arena.close()

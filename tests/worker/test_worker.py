@@ -326,6 +326,18 @@ def test_many_connections_from_threads(
     assert failures == []
 
 
+def test_an_output_the_wire_cannot_carry_is_an_error_on_that_call(tmp_path: Path) -> None:
+    """Strings are not a wire dtype: building the reply fails after the run, on the loop
+    thread or from the pool, and the call must still get its answer (an error)."""
+    path = models.save(models.text_output(), tmp_path / "text.onnx")
+    with running_worker(tmp_path, {"text": path}) as worker, \
+            shmcache.Client(str(worker.socket_path), timeout=20) as client:
+        for _ in range(4):  # the first may run on the loop; the next ones, ms each, in the pool
+            with pytest.raises(errors.BadDtype, match="object"):
+                client.run("text", None, slow_feed())
+        assert client.ping()["ready"] is True
+
+
 def test_64_mib_input_round_trip(busy_worker: tuple[WorkerProcess, Path]) -> None:
     worker, _ = busy_worker
     x = RNG.standard_normal(16 * 2**20).astype(np.float32)  # 64 MiB
