@@ -93,6 +93,12 @@ class ClientArena:
             except BufferError:  # another thread is copying through it; unmapped when done
                 pass
 
+    def __enter__(self) -> ClientArena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def ensure(self, size: int) -> None:
         """Grow to at least ``size`` bytes (doubling, so a growing workload remaps rarely)."""
         if size <= self.size:

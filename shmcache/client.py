@@ -17,7 +17,6 @@ from __future__ import annotations
 import array
 import asyncio
 import itertools
-import math
 import os
 import socket
 import threading
@@ -139,8 +138,7 @@ class _Connection:
         """Send one request (through the arena when worth it) and return its reply."""
         if op == "infer" and not self.arena_refused:
             layout = self._arena_layout(fields)
-            if layout is not None and self._arena_ready(layout[-1], deadline) \
-                    and layout[-1] <= self.arena_limit:
+            if layout is not None and self._arena_ready(layout[-1], deadline):
                 return self._infer_through_arena(fields, layout, deadline)
         return self.call(protocol.make_request(next(self.ids), op, **fields), deadline)
 
@@ -175,12 +173,14 @@ class _Connection:
         return offsets, cursor, out_len, cursor + out_len
 
     def _arena_ready(self, size: int, deadline: float) -> bool:
-        """An attached arena of at least ``size`` bytes, attaching on first use."""
+        """An attached arena of at least ``size`` bytes (attaching on first use); False when
+        the worker refused ours, or ``size`` is over its limit (that call goes inline)."""
         if self.arena is None:
             self._attach(size, deadline)
-        elif self.arena.size < size <= self.arena_limit:
-            self.arena.ensure(size)  # the worker remaps when a request reaches past its map
-        return self.arena is not None
+        if self.arena is None or size > self.arena_limit:
+            return False
+        self.arena.ensure(size)  # the worker remaps when a request reaches past its map
+        return True
 
     def _attach(self, size: int, deadline: float) -> None:
         arena = ClientArena(size)
@@ -229,12 +229,11 @@ class _Connection:
         for pair in pairs:
             tensor = pair[1] if isinstance(pair, list) and len(pair) == 2 else None
             if not isinstance(tensor, dict):
-                continue
-            ref = tensor.get("shm")
-            if isinstance(ref, list) and len(ref) == 2 and all(type(v) is int for v in ref):
-                tensor["data"] = self.arena.view(ref[0], ref[1])
+                continue  # outputs_from_reply says what is wrong with it
+            if "shm" in tensor:
+                tensor["data"] = protocol.tensor_bytes(tensor, self.arena)
                 del tensor["shm"]
-            needed += align(_wire_nbytes(tensor))
+            needed += align(len(tensor.get("data") or b""))
         self.out_bytes[model] = needed
 
     def _send(self, parts: list[bytes | memoryview], deadline: float) -> None:
@@ -302,14 +301,6 @@ class _Connection:
             except BlockingIOError:
                 if time.perf_counter() >= until:
                     return None
-
-
-def _wire_nbytes(tensor: dict[str, Any]) -> int:
-    """Bytes a wire tensor's values take; 0 if its description is not usable."""
-    try:
-        return math.prod(tensor["shape"]) * np.dtype(tensor["dtype"]).itemsize
-    except (KeyError, TypeError, ValueError):
-        return 0
 
 
 def _close_all(owned: list[socket.socket | ClientArena]) -> None:

@@ -283,8 +283,13 @@ def wire_array(arr: np.ndarray) -> tuple[str, np.ndarray]:
 def tensor_to_wire(arr: np.ndarray) -> dict[str, Any]:
     """Describe ``arr`` as a wire tensor; ``data`` is a view of the array, not a copy
     (msgpack then copies the view once into its buffer)."""
-    name, arr = wire_array(arr)
-    return {"dtype": name, "shape": list(arr.shape), "data": arr.reshape(-1).view(np.uint8).data}
+    return _inline_tensor(*wire_array(arr))
+
+
+def _inline_tensor(dtype_name: str, arr: np.ndarray) -> dict[str, Any]:
+    """The wire tensor of an array ``wire_array`` already converted."""
+    return {"dtype": dtype_name, "shape": list(arr.shape),
+            "data": arr.reshape(-1).view(np.uint8).data}
 
 
 def tensor_ref(dtype_name: str, shape: Iterable[int], offset: int, nbytes: int) -> dict[str, Any]:
@@ -307,7 +312,7 @@ def tensor_from_wire(obj: object, arena: ArenaView | None = None) -> np.ndarray:
     dtype = _WIRE_DTYPES[dtype_name]
     # Python ints: a hostile shape like [2**62, 2**62] must not overflow into a match.
     expected = math.prod(shape) * dtype.itemsize
-    data = _tensor_bytes(obj, arena)
+    data = tensor_bytes(obj, arena)
     if len(data) != expected:
         raise errors.BadShape(
             f"data has {len(data)} bytes, shape {shape} of {dtype_name} needs {expected}"
@@ -315,7 +320,8 @@ def tensor_from_wire(obj: object, arena: ArenaView | None = None) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def _tensor_bytes(obj: dict[str, Any], arena: ArenaView | None) -> bytes | memoryview:
+def tensor_bytes(obj: dict[str, Any], arena: ArenaView | None) -> bytes | memoryview:
+    """A wire tensor's bytes: its ``data``, or its ``shm`` range of ``arena`` (checked)."""
     if "shm" not in obj:
         data = obj.get("data")
         if not isinstance(data, bytes):
@@ -471,8 +477,7 @@ def ok_infer(
     if arena is not None and out is not None:
         offsets = arena.place([arr for _, _, arr in named], out)
     wire = [[name, tensor_ref(dtype, arr.shape, off, arr.nbytes) if off is not None
-             else {"dtype": dtype, "shape": list(arr.shape),
-                   "data": arr.reshape(-1).view(np.uint8).data}]
+             else _inline_tensor(dtype, arr)]
             for (name, dtype, arr), off in zip(named, offsets)]
     timing = {} if compute is None else {"compute": compute}
     return ok_result(request_id, version=version, outputs=wire, **timing)

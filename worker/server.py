@@ -104,7 +104,6 @@ def die_with_parent(parent_pid: int) -> None:
 class Worker:
     def __init__(self, config: WorkerConfig, listener: socket.socket, control: socket.socket) -> None:
         self.config = config
-        self.listener = listener
         self.control_sock = control
         self.runtimes: dict[str, dict[int, ModelRuntime]] = {m: {} for m in config.models}
         self.table = VersionTable.attach(config.version_table) if config.version_table else None
@@ -538,18 +537,14 @@ class ClientConnection(FramedConnection):
             data, fds = recv_fds(self.attaching)
         except BlockingIOError:
             return
-        except errors.Malformed as exc:
-            self.stop_attaching()
+        except errors.Malformed as exc:  # too many fds: say so, then hang up
             self.send(protocol.error_reply(rid, exc))
-            self.close_now()  # the byte that carried them is read; the rest may be fds too
-            return
+            data, fds = b"", []
         except OSError as exc:
             log.warning("arena hand-off failed: %s", exc)
-            self.stop_attaching()
-            self.close_now()
-            return
+            data, fds = b"", []
         self.stop_attaching()
-        if not data:  # the client hung up
+        if not data:  # the client hung up, or the hand-off failed
             self.close_now()
             return
         try:

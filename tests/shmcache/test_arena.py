@@ -29,8 +29,7 @@ def is_open(fd: int) -> bool:
 
 
 def test_worker_reads_what_the_client_wrote_and_follows_its_growth() -> None:
-    client = ClientArena(10_000)
-    try:
+    with ClientArena(10_000) as client:
         worker = worker_side(client)
         x = np.arange(1000, dtype=np.float32)
         client.write(64, x)
@@ -44,33 +43,25 @@ def test_worker_reads_what_the_client_wrote_and_follows_its_growth() -> None:
         assert worker.size >= mapped * 3
         assert np.array_equal(got, x)  # an array over the old mapping stays valid
         worker.close()
-    finally:
-        client.close()
 
 
 def test_worker_places_outputs_that_fit_and_the_client_reads_them_back() -> None:
-    client = ClientArena(8192)
-    try:
+    with ClientArena(8192) as client:
         worker = worker_side(client)
         a, b = np.full(100, 7, np.int64), np.ones(1000, np.float64)
         offsets = worker.place([a, b], (4096, 1024))  # room for a (800 B), not for b
         assert offsets == [4096, None]
         assert np.array_equal(np.frombuffer(client.view(4096, a.nbytes), np.int64), a)
         worker.close()
-    finally:
-        client.close()
 
 
 def test_a_sealed_arena_cannot_shrink_under_the_worker() -> None:
-    client = ClientArena(8192)
-    try:
+    with ClientArena(8192) as client:
         assert fcntl.fcntl(client.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
         with pytest.raises(PermissionError):  # seals are never removed: no API exists for it
             os.ftruncate(client.fd, 4096)
         client.ensure(16384)  # growing stays allowed
         assert os.fstat(client.fd).st_size == 16384
-    finally:
-        client.close()
 
 
 def unsealed_memfd() -> int:
@@ -111,17 +102,13 @@ def test_the_worker_refuses_anything_but_a_shrink_sealed_memfd(make, why: str, t
 
 
 def test_the_worker_refuses_an_arena_over_its_limit() -> None:
-    client = ClientArena(LIMIT * 2)
-    try:
+    with ClientArena(LIMIT * 2) as client:
         with pytest.raises(errors.Malformed, match="limit"):
             check_arena_fd(client.fd, LIMIT)
-    finally:
-        client.close()
 
 
 def test_ranges_outside_the_arena_or_the_limit_are_refused() -> None:
-    client = ClientArena(8192)
-    try:
+    with ClientArena(8192) as client:
         worker = worker_side(client, limit=16384)
         with pytest.raises(errors.Malformed, match="arena has"):
             worker.view(8000, 1000)  # past the memfd's end
@@ -132,8 +119,6 @@ def test_ranges_outside_the_arena_or_the_limit_are_refused() -> None:
             worker.view(100_000, 10)  # the client grew it; the worker still maps only its limit
         assert len(worker.view(8000, 1000)) == 1000
         worker.close()
-    finally:
-        client.close()
 
 
 # --- the protocol's shm tensors --------------------------------------------------------------
@@ -147,8 +132,7 @@ def shm_request(ref: object, out: object = None, **tensor: object) -> dict:
 
 
 def test_parse_request_reads_shm_inputs_in_place() -> None:
-    client = ClientArena(4096)
-    try:
+    with ClientArena(4096) as client:
         worker = worker_side(client)
         x = np.array([1.5, -2, 3, 4], np.float32)
         client.write(128, x)
@@ -157,8 +141,6 @@ def test_parse_request_reads_shm_inputs_in_place() -> None:
         client.write(128, x * 2)  # no copy was taken: the request sees the arena's bytes
         assert np.array_equal(req.inputs["x"], x * 2)
         worker.close()
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("msg, exc, match", [
@@ -179,21 +161,17 @@ def test_bad_shm_references_get_typed_errors_with_the_id(
 
 
 def test_shm_inputs_are_checked_against_their_shape_and_the_arena() -> None:
-    client = ClientArena(4096)
-    try:
+    with ClientArena(4096) as client:
         worker = worker_side(client, limit=8192)
         with pytest.raises(errors.BadShape, match="needs 16"):
             protocol.parse_request(shm_request([0, 12]), arena=worker)
         with pytest.raises(errors.Malformed, match="arena"):
             protocol.parse_request(shm_request([4090, 16]), arena=worker)
         worker.close()
-    finally:
-        client.close()
 
 
 def test_ok_infer_puts_what_fits_in_the_region_and_the_rest_inline() -> None:
-    client = ClientArena(8192)
-    try:
+    with ClientArena(8192) as client:
         worker = worker_side(client)
         big, small = np.arange(512, dtype=np.float32), np.arange(3, dtype=">i4")
         reply = protocol.ok_infer(1, 2, [("big", big), ("small", small)], None, worker, (0, 2048))
@@ -204,5 +182,3 @@ def test_ok_infer_puts_what_fits_in_the_region_and_the_rest_inline() -> None:
         got = protocol.outputs_from_reply(wire, client)
         assert np.array_equal(got[0], big) and np.array_equal(got[1], small)
         worker.close()
-    finally:
-        client.close()

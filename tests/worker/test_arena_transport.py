@@ -223,8 +223,7 @@ def test_an_output_region_outside_the_arena_is_one_bad_request(
     """Checked when the request is read, like its inputs: the answer, on the loop thread or
     from the pool, must be an error on that request, never a reply that cannot be built."""
     w, _ = worker
-    arena = ClientArena(1 << 20)
-    try:
+    with ClientArena(1 << 20) as arena:
         with connect(w.socket_path) as sock:
             assert attach(sock, [arena.fd])["ok"] is True
             x = RNG.standard_normal((2048, 16)).astype(np.float32)  # a run of a few ms: pooled
@@ -237,5 +236,3 @@ def test_an_output_region_outside_the_arena_is_one_bad_request(
                 reply = read_frame(sock)
                 assert reply["id"] == rid and reply["error"]["code"] == "malformed", reply
             assert ping_ok(sock)
-    finally:
-        arena.close()
