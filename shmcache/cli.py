@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from shmcache import hugepages
 from shmcache.client import Client
 from shmcache.paths import SOCKET_ENV, control_socket_path, default_socket_path
 
@@ -147,6 +148,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=None,
                    help="idle workers return their working memory to the OS instead of "
                         "keeping it in ONNX Runtime's arena (default on)")
+    p.add_argument("--huge-pages", dest="huge_pages",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="huge pages for ONNX Runtime's transient re-packs while a publish "
+                        "prepares (re-executes the daemon with GLIBC_TUNABLES; default on)")
     add_socket_arg(p)
 
 
@@ -168,6 +173,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from supervisor.arbiter import serve
 
     config = serve_config(args)
+    if config.huge_pages:
+        hugepages.reexec_with_tunable()  # returns only when it would change nothing
+        hugepages.keep_small_pages()
     setup_logging(config.log_level)
     return serve(config)
 

@@ -51,6 +51,7 @@ import uvloop  # noqa: F401 - imported once here so each forked worker starts ~5
 from shmcache import errors, protocol, registry
 from shmcache.segment import OwnedSegment, Segment
 from shmcache.state import VersionTable
+from worker.heap import load_glibc, trim_heap
 from supervisor.config import ServeConfig
 from supervisor.memlock import LockedSegment, MemoryLockError, lock_segment
 from supervisor.metrics import HttpEndpoint, MetricsRegistry, standard_routes
@@ -135,6 +136,15 @@ class Build:
             except ValueError:
                 continue
         return parsed
+
+
+def release_startup_heap() -> None:
+    """The supervisor's heap after start-up (config, manifest, builders' output) back to the
+    OS once: it stays mostly idle from here on, and a hugetlb-tuned glibc (shmcache.hugepages)
+    keeps up to 2 MiB of the heap's top otherwise."""
+    libc = load_glibc()
+    if libc is not None:
+        trim_heap(libc)
 
 
 class Arbiter:
@@ -756,6 +766,7 @@ class Arbiter:
             log.info("ready: %d worker(s), models %s", len(self.ready_workers()),
                      ", ".join(f"{m.name} v{m.version}" for m in self.models.values()))
             self.notify_ready()
+            release_startup_heap()
         interval = self.notifier.watchdog_interval()
         if interval is None or self.phase not in ("building", "running"):
             return

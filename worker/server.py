@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 from shmcache import errors, protocol
 from shmcache.arena import WorkerArena
+from shmcache.hugepages import transient_huge_pages
 from shmcache.state import VersionTable
 from worker.heap import IdleHeapTrimmer
 from worker.runtime import ModelRuntime, SessionSettings
@@ -135,8 +136,17 @@ class Worker:
         await asyncio.gather(*(open_one(m, s) for m, segs in self.config.models.items()
                                for s in segs))
 
-    def _open_and_warm(self, segment: str, strict: bool = False) -> ModelRuntime:
-        runtime = ModelRuntime.open(segment, self.config.settings)
+    def _open_and_warm(self, segment: str, strict: bool = False,
+                       huge_pages: bool = False) -> ModelRuntime:
+        started = time.perf_counter()
+        if huge_pages:  # a publish: only the re-packs fault in (see shmcache.hugepages)
+            with transient_huge_pages() as huge:
+                runtime = ModelRuntime.open(segment, self.config.settings)
+        else:
+            huge = False
+            runtime = ModelRuntime.open(segment, self.config.settings)
+        log.debug("session for %s v%d created in %.3fs (huge pages: %s)", runtime.model,
+                  runtime.version, time.perf_counter() - started, "on" if huge else "off")
         try:
             runtime.warm_up()
         except Exception as exc:
@@ -353,9 +363,9 @@ class Worker:
         # Strict when the served version warms up: a new version that cannot is a regression.
         strict = any(r.warmed for r in self.runtimes[model].values())
         if background and self.config.settings.intra_op_threads == 1:
-            runtime = await in_niced_thread(self._open_and_warm, segment, strict)
+            runtime = await in_niced_thread(self._open_and_warm, segment, strict, True)
         else:
-            runtime = await loop.run_in_executor(None, self._open_and_warm, segment, strict)
+            runtime = await loop.run_in_executor(None, self._open_and_warm, segment, strict, True)
         if runtime.version != version or runtime.model != model:
             raise errors.PublishFailed(
                 f"segment {segment!r} holds {runtime.model} v{runtime.version}, "

@@ -17,7 +17,7 @@ import pytest
 from onnx import numpy_helper
 
 import shmcache
-from shmcache import errors
+from shmcache import errors, hugepages
 from tests import models
 from tests.supervisor.daemon import ROOT, Daemon, serving, wait_until
 from worker.runtime import SessionSettings
@@ -146,6 +146,30 @@ def test_version_that_fails_on_a_worker_never_goes_live(
     assert len([s for s in daemon.segments() if ".m.v" in s]) == 1
     assert publish(daemon, weights["B"]).returncode == 0  # and the next publish works
     assert call(daemon, x)[1] == 3
+
+
+def thp_enabled(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("THP_enabled"))
+
+
+@pytest.mark.skipif(hugepages.environ_with_tunable({}) is None,
+                    reason="needs glibc >= 2.35 and THP in madvise mode")
+def test_huge_pages_only_while_a_publish_creates_its_sessions(
+    daemon: Daemon, weights: dict[str, Path]
+) -> None:
+    pid = daemon.proc.pid  # the re-executed daemon keeps the pid it was started with
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        assert f"GLIBC_TUNABLES={hugepages.TUNABLE}".encode() in f.read().split(b"\0")
+    everyone = [pid, *daemon.worker_pids(role=None)]
+    assert {thp_enabled(p) for p in everyone} == {"0"}
+    assert publish(daemon, weights["B"]).returncode == 0
+    wait_until(lambda: daemon.log_text().count("m v2 created") >= 3, what="every session of v2")
+    created = [line for line in daemon.log_text().splitlines() if "m v1 created" in line
+               or "m v2 created" in line]
+    assert all("huge pages: off" in line for line in created if "m v1" in line)  # boot
+    assert all("huge pages: on" in line for line in created if "m v2" in line)  # the publish
+    assert {thp_enabled(p) for p in everyone} == {"0"}  # and closed again
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

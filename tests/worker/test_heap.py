@@ -23,6 +23,9 @@ class FakeLibc:
         self.calls.append(("malloc_trim", args))
         return 1
 
+    def mallinfo2(self) -> heap.MallInfo2:
+        return heap.MallInfo2()  # keepcost 0: no top to release
+
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
