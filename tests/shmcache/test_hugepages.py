@@ -114,8 +114,9 @@ def test_the_window_does_nothing_where_small_pages_were_not_kept() -> None:
 @needs_thp_madvise
 def test_trim_heap_returns_the_top_a_hugetlb_glibc_keeps() -> None:
     # Blocks on the heap's top, touched and freed: under the tunable malloc_trim(0) trims in
-    # 2 MiB steps, so how much of a block stays resident depends on where it ended; trim_heap()
-    # must leave none of it, whatever the size.
+    # 2 MiB steps, so how much of a block stays resident depends on where it ended (0.1-2 MiB
+    # in 7 of 8 runs; none when the blocks came from a free chunk inside the heap instead);
+    # trim_heap() must leave none of it, whatever the size.
     out = run_python(f"""
         import ctypes, json
         from worker.heap import load_glibc, trim_heap
@@ -139,5 +140,4 @@ def test_trim_heap_returns_the_top_a_hugetlb_glibc_keeps() -> None:
             rounds.append([kept, rss() - base])
         print(json.dumps(rounds))
     """, env={"GLIBC_TUNABLES": hugepages.TUNABLE})
-    assert max(kept for kept, _ in out) > 8 * heap.PAGE, out  # malloc_trim(0) alone keeps some
     assert all(left <= 4 * heap.PAGE for _, left in out), out

@@ -156,20 +156,27 @@ def thp_enabled(pid: int) -> str:
 @pytest.mark.skipif(hugepages.environ_with_tunable({}) is None,
                     reason="needs glibc >= 2.35 and THP in madvise mode")
 def test_huge_pages_only_while_a_publish_creates_its_sessions(
-    daemon: Daemon, weights: dict[str, Path]
+    tmp_path: Path, weights: dict[str, Path]
 ) -> None:
-    pid = daemon.proc.pid  # the re-executed daemon keeps the pid it was started with
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        assert f"GLIBC_TUNABLES={hugepages.TUNABLE}".encode() in f.read().split(b"\0")
-    everyone = [pid, *daemon.worker_pids(role=None)]
-    assert {thp_enabled(p) for p in everyone} == {"0"}
-    assert publish(daemon, weights["B"]).returncode == 0
-    wait_until(lambda: daemon.log_text().count("m v2 created") >= 3, what="every session of v2")
-    created = [line for line in daemon.log_text().splitlines() if "m v1 created" in line
-               or "m v2 created" in line]
-    assert all("huge pages: off" in line for line in created if "m v1" in line)  # boot
-    assert all("huge pages: on" in line for line in created if "m v2" in line)  # the publish
-    assert {thp_enabled(p) for p in everyone} == {"0"}  # and closed again
+    with serving(tmp_path, {"m": weights["A"]}, extra=["--huge-pages"]) as daemon:
+        pid = daemon.proc.pid  # the re-executed daemon keeps the pid it was started with
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert f"GLIBC_TUNABLES={hugepages.TUNABLE}".encode() in f.read().split(b"\0")
+        everyone = [pid, *daemon.worker_pids(role=None)]
+        assert {thp_enabled(p) for p in everyone} == {"0"}
+        assert publish(daemon, weights["B"]).returncode == 0
+        wait_until(lambda: daemon.log_text().count("m v2 created") >= 3, what="v2's sessions")
+        created = [line for line in daemon.log_text().splitlines()
+                   if "m v1 created" in line or "m v2 created" in line]
+        assert all("huge pages: off" in line for line in created if "m v1" in line)  # boot
+        assert all("huge pages: on" in line for line in created if "m v2" in line)  # publish
+        assert {thp_enabled(p) for p in everyone} == {"0"}  # and closed again
+
+
+def test_without_huge_pages_the_daemon_runs_as_started(daemon: Daemon) -> None:
+    with open(f"/proc/{daemon.proc.pid}/environ", "rb") as f:
+        assert hugepages.TUNABLE.encode() not in f.read()
+    assert thp_enabled(daemon.proc.pid) == thp_enabled(os.getpid())  # as inherited
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
