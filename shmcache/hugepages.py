@@ -33,6 +33,7 @@ per-worker memory target, so it is the operator's choice.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -96,13 +97,15 @@ def reexec_with_tunable() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
+@functools.cache
 def _libc() -> Any:
     return ctypes.CDLL(None, use_errno=True)
 
 
 def keep_small_pages() -> bool:
     """In a process started with the tunable: no huge pages unless asked (step 2). Returns
-    whether transient_huge_pages() will do anything here and in forked children."""
+    whether transient_huge_pages() will do anything here and in forked children. Already so
+    after reexec_with_tunable(); needed when the tunable came with the environment."""
     if not has_tunable(os.environ) or thp_mode() != "madvise":
         return False
     return _libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0

@@ -66,7 +66,7 @@ class MallInfo2(ctypes.Structure):
 def load_glibc() -> Any | None:
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt, libc.malloc_trim, libc.mallinfo2  # noqa: B018 - glibc (>= 2.33) only
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist only in glibc
     except (OSError, AttributeError):
         return None
     libc.malloc.restype = ctypes.c_void_p
@@ -75,7 +75,8 @@ def load_glibc() -> Any | None:
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.sbrk.restype = ctypes.c_void_p
     libc.sbrk.argtypes = [ctypes.c_ssize_t]
-    libc.mallinfo2.restype = MallInfo2
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33, as is the tunable trim_heap answers
+        libc.mallinfo2.restype = MallInfo2
     return libc
 
 
@@ -85,6 +86,8 @@ def trim_heap(libc: Any) -> None:
     dropped: the top is taken with malloc (best fit hands out any free chunk as large first,
     so those are held too until the top comes), emptied with MADV_DONTNEED, and freed."""
     libc.malloc_trim(0)
+    if not hasattr(libc, "mallinfo2"):  # older than the hugetlb tunable: trimmed already
+        return
     size = int(libc.mallinfo2().keepcost) - 4 * PAGE  # room for the chunk headers
     if size < TOP_RELEASE_MIN or size >= MMAP_THRESHOLD:
         return

@@ -39,6 +39,7 @@ whole process group, and stopping is the supervisor's decision.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -139,11 +140,9 @@ class Worker:
     def _open_and_warm(self, segment: str, strict: bool = False,
                        huge_pages: bool = False) -> ModelRuntime:
         started = time.perf_counter()
-        if huge_pages:  # a publish: only the re-packs fault in (see shmcache.hugepages)
-            with transient_huge_pages() as huge:
-                runtime = ModelRuntime.open(segment, self.config.settings)
-        else:
-            huge = False
+        # A publish: only the re-packs fault in (see shmcache.hugepages). Not at boot.
+        window = transient_huge_pages() if huge_pages else contextlib.nullcontext(False)
+        with window as huge:
             runtime = ModelRuntime.open(segment, self.config.settings)
         log.debug("session for %s v%d created in %.3fs (huge pages: %s)", runtime.model,
                   runtime.version, time.perf_counter() - started, "on" if huge else "off")
