@@ -54,7 +54,9 @@ PAGE = 4096
 # malloc_trim(0): Conv workers at 19.5-20.3 MiB instead of 19.1. trim_heap() drops them itself
 # when the top holds at least TOP_RELEASE_MIN.
 TOP_RELEASE_MIN = 64 * 1024
-TOP_TAKES = 32  # free chunks malloc may hand out before the top (best fit comes first)
+# Free chunks malloc may hand out before the top (best fit comes first). After 100 Conv runs a
+# worker's heap needed 2-33 takes (32 missed the top in 3 of 6 workers): each costs a header.
+TOP_TAKES = 1024
 
 
 class MallInfo2(ctypes.Structure):
@@ -105,6 +107,8 @@ def trim_heap(libc: Any) -> None:
     finally:
         for block in held:
             libc.free(block)
+        if len(held) > 1:  # headers written into the chunks held on the way: their pages again
+            libc.malloc_trim(0)
 
 
 class IdleHeapTrimmer:

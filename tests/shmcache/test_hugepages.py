@@ -141,3 +141,37 @@ def test_trim_heap_returns_the_top_a_hugetlb_glibc_keeps() -> None:
         print(json.dumps(rounds))
     """, env={"GLIBC_TUNABLES": hugepages.TUNABLE})
     assert all(left <= 4 * heap.PAGE for _, left in out), out
+
+
+
+
+@needs_thp_madvise
+def test_trim_heap_finds_the_top_behind_many_larger_free_chunks() -> None:
+    # After a Conv model's runs the heap holds dozens of free chunks larger than its top, and
+    # malloc hands those out first (best fit): trim_heap must get past all of them. The top
+    # is touched over more than 2 MiB, so whatever malloc_trim(0) keeps of it is resident.
+    out = run_python(f"""
+        import ctypes, json
+        from worker.heap import load_glibc, trim_heap
+        libc = load_glibc()
+        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        libc.mallopt({heap.M_MMAP_THRESHOLD}, {heap.MMAP_THRESHOLD})
+        libc.mallopt({heap.M_TRIM_THRESHOLD}, {heap.TRIM_THRESHOLD})
+        def rss():
+            return next(int(l.split()[1]) for l in open("/proc/self/status")
+                        if l.startswith("RssAnon")) * 1024
+        libc.prctl({hugepages.PR_SET_THP_DISABLE}, 1, 0, 0, 0)  # as in the daemon
+        big, pins = [], []
+        for _ in range(60):  # 2.5 MiB chunks kept apart by small live ones
+            big.append(libc.malloc(5 << 19))
+            pins.append(libc.malloc(256 << 10))  # too big to come from a free chunk elsewhere
+        trim_heap(libc)
+        base = rss()  # the chunks' headers are resident from here on
+        top = libc.malloc(7 << 19)
+        libc.memset(top, 1, 7 << 19)
+        for block in [top, *big]:
+            libc.free(block)
+        trim_heap(libc)
+        print(json.dumps(rss() - base))
+    """, env={"GLIBC_TUNABLES": hugepages.TUNABLE})
+    assert out <= 8 * heap.PAGE
