@@ -25,7 +25,7 @@ Targets (issue): flip at most 1 s after the segment is written (prepare <= 1 s);
 <= 2 x steady-state p99.
 
 Usage: python benchmarks/swap.py [--mib 256] [--publishes 20] [--workers 2] [--threads 1]
-                                 [--clients 3] [--steady 10] [--huge-pages]
+                                 [--clients 3] [--steady 10] [--no-huge-pages]
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--steady", type=float, default=10.0, help="seconds of steady state first")
     p.add_argument("--no-prepack", action="store_true", help="serve plain segments")
-    p.add_argument("--huge-pages", action="store_true",
-                   help="the daemon's --huge-pages (huge pages for the prepare's re-packs)")
+    p.add_argument("--no-huge-pages", action="store_true",
+                   help="the daemon's --no-huge-pages (no huge pages for the prepare's re-packs)")
     p.add_argument("--no-shared-memory", action="store_true",
                    help="clients send tensors inline (Client(shared_memory=False))")
     return p.parse_args()
@@ -128,7 +128,7 @@ def references(path: Path, options: ort.SessionOptions, inputs: list[np.ndarray]
 def main() -> int:
     args = parse_args()
     mode_flags = ["--no-prepack"] if args.no_prepack else []
-    mode_flags += ["--huge-pages"] if args.huge_pages else []
+    mode_flags += ["--no-huge-pages"] if args.no_huge_pages else []
     with tempfile.TemporaryDirectory(prefix="shmcache-swap-") as tmpdir:
         tmp = Path(tmpdir)
         files = {"A": make_mlp_seeded(tmp / "a.onnx", args.mib, seed=7),
@@ -226,7 +226,7 @@ def main() -> int:
     print(f"swap: {args.mib} MiB MLP, {mode} segments, {args.workers} workers x {args.threads} "
           f"thread(s), --keep 1, {args.clients} client threads, batch {BATCH}, "
           f"tensors {'inline' if args.no_shared_memory else 'through arenas'}, "
-          f"huge pages for re-packs {'on' if args.huge_pages else 'off'}, "
+          f"huge pages for re-packs {'off' if args.no_huge_pages else 'on'}, "
           f"{args.publishes} publishes alternating B, A, ...; seconds")
     print("write = publish start -> segment built (incl. durable copy); prepare = built -> flip "
           "(workers map + create + warm sessions); total = start -> flip; "

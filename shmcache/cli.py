@@ -151,8 +151,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--huge-pages", dest="huge_pages",
                    action=argparse.BooleanOptionalAction, default=None,
                    help="huge pages for ONNX Runtime's transient re-packs while a publish "
-                        "prepares: faster publishes, noisier per-worker memory (re-executes the daemon "
-                        "with GLIBC_TUNABLES; default off)")
+                        "prepares (re-executes the daemon once with GLIBC_TUNABLES; default on)")
     add_socket_arg(p)
 
 

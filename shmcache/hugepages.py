@@ -5,7 +5,8 @@ A worker preparing a pre-packed version re-packs every weight before it adopts t
 faulted in 4 KiB at a time, zeroed, packed, hashed, compared, unmapped. With transparent huge
 pages on those buffers the same session is created in ~0.25 s instead of ~0.41 s (6 creations
 each, fresh process, idle host; 67 k page faults instead of 526 k), and a publish's prepare
-under benchmarks/swap.py's load drops from p50 0.95 s / max 1.14 s to 0.76 s / 0.94 s.
+under benchmarks/swap.py's load drops from p50 0.88-1.01 s / max 1.01-1.30 s to
+0.64-0.80 s / 0.81-0.97 s.
 
 Getting huge pages there and only there takes three steps, because the kernel's default mode is
 ``madvise`` (only regions advised MADV_HUGEPAGE get them) and ORT's buffers come from malloc:
@@ -23,11 +24,10 @@ Getting huge pages there and only there takes three steps, because the kernel's 
    measured when boot was included).
 
 Everything here is a no-op where it cannot work (not glibc >= 2.35, THP ``never`` or
-``always``, no /sys) or when the serve option ``huge_pages`` is off, which is the default: with
-the tunable, glibc trims the heap's top in 2 MiB steps, and even with worker.heap.trim_heap
-taking the top back, benchmarks/memory.py measured Conv workers at 0.4-0.7 MiB above the empty
-ones (2.7-4.8% of a 14 MiB model) against 0.1-0.2 MiB without: faster publishes cost the
-per-worker memory target, so it is the operator's choice.
+``always``, no /sys) or when the serve option ``huge_pages`` is off (``--no-huge-pages``).
+One more cost is paid elsewhere: under the tunable glibc trims the heap's top only in 2 MiB
+steps, which worker.heap.trim_heap makes up for; with it, benchmarks/memory.py measures the
+same per-worker memory with huge pages as without (Conv 1.3-1.4% of the model per worker).
 """
 
 from __future__ import annotations

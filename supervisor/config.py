@@ -73,7 +73,7 @@ class ServeConfig:
     metrics_address: str | None = None
     lock_memory: bool = False
     release_memory: bool = True  # idle workers return working memory to the OS (no ORT arena)
-    huge_pages: bool = False  # huge pages for a publish's transient re-packs (shmcache.hugepages)
+    huge_pages: bool = True  # huge pages for a publish's transient re-packs (shmcache.hugepages)
     spin: float = 0.00025  # seconds a worker stays on the CPU after a request (0: never)
     log_level: str = "info"
 

@@ -173,10 +173,13 @@ def test_huge_pages_only_while_a_publish_creates_its_sessions(
         assert {thp_enabled(p) for p in everyone} == {"0"}  # and closed again
 
 
-def test_without_huge_pages_the_daemon_runs_as_started(daemon: Daemon) -> None:
-    with open(f"/proc/{daemon.proc.pid}/environ", "rb") as f:
-        assert hugepages.TUNABLE.encode() not in f.read()
-    assert thp_enabled(daemon.proc.pid) == thp_enabled(os.getpid())  # as inherited
+def test_without_huge_pages_the_daemon_runs_as_started(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    with serving(tmp_path, {"m": weights["A"]}, extra=["--no-huge-pages"]) as daemon:
+        with open(f"/proc/{daemon.proc.pid}/environ", "rb") as f:
+            assert hugepages.TUNABLE.encode() not in f.read()
+        assert thp_enabled(daemon.proc.pid) == thp_enabled(os.getpid())  # as inherited
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
