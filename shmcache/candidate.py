@@ -257,6 +257,11 @@ def load_candidate(
         return _apply_weights(served, st, served_tensors, path)
 
 
+def is_weights_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds weights by name (.npz or safetensors) rather than an ONNX model."""
+    return _weights_kind(Path(path)) is not None
+
+
 def _weights_kind(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:

@@ -16,6 +16,7 @@ every weight in the shared pages; a worker may also hand the numpy views to ``ad
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -197,18 +198,26 @@ class ModelFileScan:
     self_contained: bool  # no external data reference: copying the file copies every weight
 
 
-def scan_model_file(path: str | os.PathLike[str]) -> ModelFileScan:
-    """One read of a model file: its digest, and whether it may reference external data."""
+def scan_model_file(path: str | os.PathLike[str],
+                    copy_to: str | os.PathLike[str] | None = None) -> ModelFileScan:
+    """One read of a model file: its digest, and whether it may reference external data.
+
+    With ``copy_to``, the same pass writes the bytes there (a publish's durable copy: reading
+    256 MiB twice, once to scan and once to copy, is CPU taken from the serving workers)."""
     h = hashlib.sha256()
     found = False
     overlap = len(EXTERNAL_LOCATION_KEY) - 1
     tail = b""  # the previous chunk's last bytes: a match may straddle two chunks
-    for chunk in _file_chunks(path):
-        h.update(chunk)
-        if not found:
-            found = (EXTERNAL_LOCATION_KEY in tail + chunk[:overlap]
-                     or EXTERNAL_LOCATION_KEY in chunk)
-            tail = chunk[-overlap:]
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(copy_to, "wb")) if copy_to is not None else None
+        for chunk in _file_chunks(path):
+            h.update(chunk)
+            if out is not None:
+                out.write(chunk)
+            if not found:
+                found = (EXTERNAL_LOCATION_KEY in tail + chunk[:overlap]
+                         or EXTERNAL_LOCATION_KEY in chunk)
+                tail = chunk[-overlap:]
     return ModelFileScan(h.hexdigest(), not found)
 
 

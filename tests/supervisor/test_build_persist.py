@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,8 @@ from shmcache import model as model_module
 from shmcache.model import load_model, scan_model_file
 from supervisor.build import persist
 from tests import models
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sha256(path: Path) -> str:
@@ -74,3 +80,41 @@ def test_file_with_external_data_is_saved_whole(external: Path, tmp_path: Path) 
     assert got.keys() == expected.keys()
     assert all(np.array_equal(got[name], expected[name]) for name in expected)
     assert digest == sha256(dest)
+
+
+def test_scan_can_copy_in_the_same_pass(embedded: Path, external: Path, tmp_path: Path) -> None:
+    for source in (embedded, external):
+        copy = tmp_path / f"copy-{source.name}"
+        scan = scan_model_file(source, copy_to=copy)
+        assert copy.read_bytes() == source.read_bytes()
+        assert scan == scan_model_file(source)
+
+
+def test_the_builder_is_niced_before_its_imports(tmp_path: Path) -> None:
+    """A publish's build is background work from its first instruction: run as the helper
+    process, it raises its nice value before importing onnx (whose import alone takes ~0.4 s
+    of CPU), and still reports a missing file as a failed build."""
+    from supervisor.build import BUILD_NICENESS
+
+    probe = f"""
+import json, os, runpy, sys
+calls = []
+real_nice = os.nice
+def spy(n):
+    calls.append(["onnx" in sys.modules, n])
+    return real_nice(n)
+os.nice = spy
+sys.argv = ["build", "--model-path", {str(tmp_path / "absent.onnx")!r}, "--model-name", "m",
+            "--segment", "shmcache-test-nice", "--version", "1", "--owner-pid", "1"]
+try:
+    runpy.run_module("supervisor.build", run_name="__main__")
+except SystemExit as exc:
+    print(json.dumps({{"calls": calls, "code": exc.code,
+                       "nice": os.getpriority(os.PRIO_PROCESS, 0)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["calls"] == [[False, BUILD_NICENESS]]
+    assert report["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + BUILD_NICENESS)
+    assert report["code"] == 1 and "does not exist" in done.stdout
