@@ -151,6 +151,16 @@ class ModelRuntime:
                    [spec_of(a) for a in session.get_inputs()],
                    [spec_of(a) for a in session.get_outputs()])
 
+    def close(self) -> None:
+        """Free the session, then unmap the segment, once nothing runs on this version.
+
+        In that order: ORT maps the weights it reads from the segment itself, and the last
+        mapping of an unlinked segment to go frees its pages (~0.1 s for 512 MiB). Ours goes
+        last, and ``mmap.close`` frees them without holding the GIL; a session's destructor
+        holds it."""
+        del self.session
+        self.segment.close()
+
     def signature(self) -> dict[str, Any]:
         return {
             "name": self.model,

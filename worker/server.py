@@ -45,6 +45,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -379,9 +380,15 @@ class Worker:
             log.info("worker %d activated", os.getpid())
 
     def drop(self, model: str, version: int) -> None:
-        """Forget a version; requests still running on it keep their reference until done."""
+        """Forget a version; requests still running on it keep their reference until done.
+        Its session and mapping are freed off the loop (release_when_unused)."""
         if version != self.current_version(model):
-            self.runtimes.get(model, {}).pop(version, None)
+            runtime = self.runtimes.get(model, {}).pop(version, None)
+            if runtime is not None:
+                box = [runtime]
+                del runtime
+                threading.Thread(target=release_when_unused, args=(box,), daemon=True,
+                                 name=f"release-{model}-v{version}").start()
 
 
 class Acceptor:
@@ -708,6 +715,33 @@ async def in_niced_thread(fn: Callable[..., T], *args: object) -> T:
 
     threading.Thread(target=body, name="prepare-background", daemon=True).start()
     return await done
+
+
+RELEASE_POLL = 0.005  # seconds between looks at whether a dropped version is still in use
+RELEASE_PATIENCE = 600.0  # seconds after which a release stops waiting for other holders
+
+
+def release_when_unused(box: list[Any]) -> None:
+    """Hold the last reference to a dropped runtime and let it go here, in a thread of its own.
+
+    Freeing a session and unmapping its segment is not free: 16-26 ms per worker for the
+    256 MiB MLP, and 100-140 ms in whichever process drops the last mapping of a segment
+    already unlinked (the kernel frees its pages then); measured during benchmarks/swap.py.
+    On the event loop that stalls every request the worker holds; here only the session's
+    destructor holds the GIL (7-13 ms idle), the unmapping does not (ModelRuntime.close). Not at a raised nice
+    value: a thread holding the GIL at low priority stalls the loop longer (swap.py: calls of
+    300-400 ms around the flips when it was niced). Requests still running on
+    the version (pinned ones, or in flight at the flip) hold references of their own: wait for
+    them, so that the last reference to go is this one. ``box`` carries the runtime in, so
+    that the thread's own copy of its arguments does not hold it too.
+    """
+    runtime = box.pop()
+    deadline = time.monotonic() + RELEASE_PATIENCE
+    # Two references are ours: this frame's name and getrefcount's argument.
+    while sys.getrefcount(runtime) > 2 and time.monotonic() < deadline:
+        time.sleep(RELEASE_POLL)
+    if sys.getrefcount(runtime) == 2:
+        runtime.close()
 
 
 def run_worker(config: WorkerConfig, listener: socket.socket, control: socket.socket) -> int:

@@ -384,6 +384,42 @@ def test_background_prepare_runs_in_a_thread_of_lower_priority() -> None:
     assert niced == min(19, before + BACKGROUND_NICE) and after == before
 
 
+class Freed:
+    """Stands for a ModelRuntime: records the thread in which it was closed."""
+
+    def __init__(self) -> None:
+        self.freed_in: list[str] = []
+
+    def close(self) -> None:
+        self.freed_in.append(threading.current_thread().name)
+
+
+def test_a_dropped_version_is_freed_off_the_loop_once_no_request_holds_it() -> None:
+    """release_when_unused waits for every other holder (a request still running on the
+    version), then closes it, the last holder: the free happens in its own thread."""
+    from worker.server import release_when_unused
+
+    async def scenario() -> tuple[list[str], float, float]:
+        runtime = Freed()
+        log = runtime.freed_in
+        in_flight = runtime  # a request still running on the dropped version
+        box = [runtime]
+        del runtime
+        releaser = threading.Thread(target=release_when_unused, args=(box,), name="releaser")
+        releaser.start()
+        await asyncio.sleep(0.2)
+        still_held = float(len(log))  # 0: the release waits for the request
+        released_at = time.monotonic()
+        del in_flight
+        releaser.join(timeout=5)
+        return log, still_held, time.monotonic() - released_at
+
+    log, still_held, waited = asyncio.run(scenario())
+    assert still_held == 0
+    assert log == ["releaser"]  # freed once, in the releasing thread, not on the loop's
+    assert waited < 0.5
+
+
 def test_replies_say_how_long_the_model_ran(busy_worker: tuple[WorkerProcess, Path]) -> None:
     """``compute`` is the model's own time: positive, within the call, and growing with the
     work (a batch of 256 runs longer than a batch of 1)."""
