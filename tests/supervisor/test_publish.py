@@ -121,6 +121,32 @@ def test_swaps_under_load_are_atomic_and_exact(daemon: Daemon, weights: dict[str
     assert len([s for s in daemon.segments() if ".m.v" in s]) == 2
 
 
+def mapped_versions(pid: int) -> set[int]:
+    """Versions of model m whose segment the process still maps (ORT's mappings included)."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        for part in line.split():
+            if part.startswith("/dev/shm/shmcache.") and ".m.v" in part:
+                found.add(int(part.split(".m.v", 1)[1].split(".", 1)[0]))
+    return found
+
+
+def test_dropped_versions_are_unmapped_by_every_worker(
+    daemon: Daemon, weights: dict[str, Path]
+) -> None:
+    """keep=1: after three publishes v1 and v2 are dropped; every worker, the standby too,
+    frees their sessions and mappings (off its event loop), so their pages return."""
+    for path in (weights["B"], weights["A"], weights["B"]):
+        assert publish(daemon, path).returncode == 0
+    pids = daemon.worker_pids(role=None)
+    assert pids
+    wait_until(lambda: all(mapped_versions(pid) <= {3, 4} for pid in pids), timeout=20,
+               what="every worker to unmap v1 and v2")
+    active = daemon.worker_pids()
+    assert all(mapped_versions(pid) == {3, 4} for pid in active)
+    assert call(daemon, np.ones((1, 64), np.float32))[1] == 4
+
+
 def test_signature_change_refused_unless_allowed(daemon: Daemon, weights: dict[str, Path]) -> None:
     done = publish(daemon, weights["bad_sig"])
     assert done.returncode == 1
