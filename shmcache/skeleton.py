@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from shmcache.errors import ModelError
 
@@ -59,32 +59,34 @@ def graph_skeleton(path: str | os.PathLike[str]) -> bytes:
 
 
 def _model(buf: memoryview, where: str) -> bytearray:
-    out = bytearray()
-    for field, wire, start, end in _records(buf, 0, len(buf), where):
-        if field == MODEL_GRAPH and wire == WIRE_BYTES:
-            body_start = _payload_start(buf, start)
-            _put_bytes(out, field, _graph(buf, body_start, end, where))
-        else:
-            out += buf[start:end]
-    return out
+    return _message(buf, 0, len(buf), where, rewrite={MODEL_GRAPH: _graph})
 
 
 def _graph(buf: memoryview, lo: int, hi: int, where: str) -> bytearray:
-    out = bytearray()
-    for field, wire, start, end in _records(buf, lo, hi, where):
-        if field == GRAPH_SPARSE_INITIALIZER:
-            continue
-        if field == GRAPH_INITIALIZER and wire == WIRE_BYTES:
-            _put_bytes(out, field, _tensor_header(buf, _payload_start(buf, start), end, where))
-        else:
-            out += buf[start:end]
-    return out
+    return _message(buf, lo, hi, where, drop=frozenset({GRAPH_SPARSE_INITIALIZER}),
+                    rewrite={GRAPH_INITIALIZER: _tensor_header})
 
 
 def _tensor_header(buf: memoryview, lo: int, hi: int, where: str) -> bytearray:
+    return _message(buf, lo, hi, where, drop=TENSOR_DATA_FIELDS)
+
+
+Rewrite = Callable[[memoryview, int, int, str], bytearray]
+
+
+def _message(buf: memoryview, lo: int, hi: int, where: str, *,
+             drop: frozenset[int] = frozenset(),
+             rewrite: dict[int, Rewrite] | None = None) -> bytearray:
+    """The message in ``buf[lo:hi]`` re-encoded: records of fields in ``drop`` left out, the
+    length-delimited ones of fields in ``rewrite`` replaced by what their function makes of
+    the payload, every other record copied as is."""
     out = bytearray()
-    for field, _wire, start, end in _records(buf, lo, hi, where):
-        if field not in TENSOR_DATA_FIELDS:
+    for field, wire, start, end in _records(buf, lo, hi, where):
+        if field in drop:
+            continue
+        if rewrite and field in rewrite and wire == WIRE_BYTES:
+            _put_bytes(out, field, rewrite[field](buf, _payload_start(buf, start), end, where))
+        else:
             out += buf[start:end]
     return out
 

@@ -111,22 +111,28 @@ def test_the_window_does_nothing_where_small_pages_were_not_kept() -> None:
     assert out == [False, "1"]
 
 
+# A fresh interpreter whose glibc is set as a worker's (worker.heap), with rss() = its anonymous
+# resident bytes: what each heap probe below starts from.
+HEAP_PROBE = f"""
+import ctypes, json
+from worker.heap import load_glibc, trim_heap
+libc = load_glibc()
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+libc.mallopt({heap.M_MMAP_THRESHOLD}, {heap.MMAP_THRESHOLD})
+libc.mallopt({heap.M_TRIM_THRESHOLD}, {heap.TRIM_THRESHOLD})
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status")
+                if l.startswith("RssAnon")) * 1024
+"""
+
+
 @needs_thp_madvise
 def test_trim_heap_returns_the_top_a_hugetlb_glibc_keeps() -> None:
     # Blocks on the heap's top, touched and freed: under the tunable malloc_trim(0) trims in
     # 2 MiB steps, so how much of a block stays resident depends on where it ended (0.1-2 MiB
     # in 7 of 8 runs; none when the blocks came from a free chunk inside the heap instead);
     # trim_heap() must leave none of it, whatever the size.
-    out = run_python(f"""
-        import ctypes, json
-        from worker.heap import load_glibc, trim_heap
-        libc = load_glibc()
-        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-        libc.mallopt({heap.M_MMAP_THRESHOLD}, {heap.MMAP_THRESHOLD})
-        libc.mallopt({heap.M_TRIM_THRESHOLD}, {heap.TRIM_THRESHOLD})
-        def rss():
-            return next(int(l.split()[1]) for l in open("/proc/self/status")
-                        if l.startswith("RssAnon")) * 1024
+    out = run_python(HEAP_PROBE + textwrap.dedent("""
         trim_heap(libc)
         rounds = []
         for kib in (640, 1024, 1536, 1792, 2560, 3584):
@@ -139,10 +145,8 @@ def test_trim_heap_returns_the_top_a_hugetlb_glibc_keeps() -> None:
             trim_heap(libc)
             rounds.append([kept, rss() - base])
         print(json.dumps(rounds))
-    """, env={"GLIBC_TUNABLES": hugepages.TUNABLE})
+    """), env={"GLIBC_TUNABLES": hugepages.TUNABLE})
     assert all(left <= 4 * heap.PAGE for _, left in out), out
-
-
 
 
 @needs_thp_madvise
@@ -150,16 +154,7 @@ def test_trim_heap_finds_the_top_behind_many_larger_free_chunks() -> None:
     # After a Conv model's runs the heap holds dozens of free chunks larger than its top, and
     # malloc hands those out first (best fit): trim_heap must get past all of them. The top
     # is touched over more than 2 MiB, so whatever malloc_trim(0) keeps of it is resident.
-    out = run_python(f"""
-        import ctypes, json
-        from worker.heap import load_glibc, trim_heap
-        libc = load_glibc()
-        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-        libc.mallopt({heap.M_MMAP_THRESHOLD}, {heap.MMAP_THRESHOLD})
-        libc.mallopt({heap.M_TRIM_THRESHOLD}, {heap.TRIM_THRESHOLD})
-        def rss():
-            return next(int(l.split()[1]) for l in open("/proc/self/status")
-                        if l.startswith("RssAnon")) * 1024
+    out = run_python(HEAP_PROBE + textwrap.dedent(f"""
         libc.prctl({hugepages.PR_SET_THP_DISABLE}, 1, 0, 0, 0)  # as in the daemon
         big, pins = [], []
         for _ in range(60):  # 2.5 MiB chunks kept apart by small live ones
@@ -173,5 +168,5 @@ def test_trim_heap_finds_the_top_behind_many_larger_free_chunks() -> None:
             libc.free(block)
         trim_heap(libc)
         print(json.dumps(rss() - base))
-    """, env={"GLIBC_TUNABLES": hugepages.TUNABLE})
+    """), env={"GLIBC_TUNABLES": hugepages.TUNABLE})
     assert out <= 8 * heap.PAGE
