@@ -4,10 +4,11 @@ Through the Unix socket, a call's 512 KiB input and 512 KiB output cost 2.0 ms o
 VM beyond the model's run (benchmarks/speed.py, 256 MiB MLP at batch 32, p50 per call): every
 byte is copied into the kernel, out of it, into msgpack's buffer and out of it, on both sides,
 in 64 KiB reads that each wake a process. Through an arena: 1.46 ms, in the same run (the rest
-is thread and process wake-ups, and three copies that miss the cache after the model's run). An arena is a memfd the *client* creates, seals against shrinking and
-hands to the worker once per connection (SCM_RIGHTS); afterwards a request carries only
-offsets. The client copies its inputs in once; the worker's model reads them in place; the
-worker copies the outputs in once; the client copies them out once.
+is thread and process wake-ups, and three copies that miss the cache after the model's run).
+An arena is a memfd the *client* creates, seals against shrinking and hands to the worker once
+per connection (SCM_RIGHTS); afterwards a request carries only offsets. The client copies its
+inputs in once; the worker's model reads them in place; the worker copies the outputs in once;
+the client copies them out once.
 
 Layout (the client's choice, one call at a time per connection)::
 

@@ -6,7 +6,7 @@ faulted in 4 KiB at a time, zeroed, packed, hashed, compared, unmapped. With tra
 pages on those buffers the same session is created in ~0.25 s instead of ~0.41 s (6 creations
 each, fresh process, idle host; 67 k page faults instead of 526 k), and a publish's prepare
 under benchmarks/swap.py's load drops from p50 0.88-1.01 s / max 1.01-1.30 s to
-0.64-0.80 s / 0.81-0.97 s.
+0.64-0.82 s / 0.81-1.12 s (one publish of 140 over 1 s).
 
 Getting huge pages there and only there takes three steps, because the kernel's default mode is
 ``madvise`` (only regions advised MADV_HUGEPAGE get them) and ORT's buffers come from malloc:

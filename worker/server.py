@@ -728,12 +728,12 @@ def release_when_unused(box: list[Any]) -> None:
     256 MiB MLP, and 100-140 ms in whichever process drops the last mapping of a segment
     already unlinked (the kernel frees its pages then); measured during benchmarks/swap.py.
     On the event loop that stalls every request the worker holds; here only the session's
-    destructor holds the GIL (7-13 ms idle), the unmapping does not (ModelRuntime.close). Not at a raised nice
-    value: a thread holding the GIL at low priority stalls the loop longer (swap.py: calls of
-    300-400 ms around the flips when it was niced). Requests still running on
-    the version (pinned ones, or in flight at the flip) hold references of their own: wait for
-    them, so that the last reference to go is this one. ``box`` carries the runtime in, so
-    that the thread's own copy of its arguments does not hold it too.
+    destructor holds the GIL (7-13 ms idle), the unmapping does not (ModelRuntime.close).
+    Not at a raised nice value: a thread holding the GIL at low priority stalls the loop
+    longer (swap.py: calls of 300-400 ms around the flips when it was niced). Requests still
+    running on the version (pinned ones, or in flight at the flip) hold references of their
+    own: wait for them, so that the last reference to go is this one. ``box`` carries the
+    runtime in, so that the thread's own copy of its arguments does not hold it too.
     """
     runtime = box.pop()
     deadline = time.monotonic() + RELEASE_PATIENCE
