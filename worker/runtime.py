@@ -225,6 +225,11 @@ class ModelRuntime:
 def create_session(segment: Segment, settings: SessionSettings) -> ort.InferenceSession:
     # A pre-packed segment carries the blobs: loading them is what keeps the pages shared.
     so = settings.options(prepacked=segment.header.prepacked)
+    if segment.header.optimized:
+        # ORT's own advice for a graph it optimized offline: load it with optimizations off.
+        # The builder ran them at the configured level; running them again finds nothing to
+        # do but still pages the optimizer's code in, in every worker.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", SHM_DIR)
     return ort.InferenceSession(segment.graph_bytes(), so, providers=["CPUExecutionProvider"])
 

@@ -362,6 +362,34 @@ def test_prepacked_segment_carries_blobs(tmp_path: Path) -> None:
         owned.unlink()
 
 
+@pytest.mark.parametrize("prepack", [True, False], ids=["optimized", "plain"])
+def test_session_over_an_optimized_graph_skips_the_optimizer(tmp_path: Path, prepack: bool) -> None:
+    """The builder optimized the graph at the configured level: a worker loads it with
+    optimizations off (same outputs, none of the optimizer's code paged in); a plain segment
+    holds the exporter's graph and keeps the configured level."""
+    from shmcache.segment import Segment
+    from tests.worker.harness import build_segment
+    from worker.runtime import create_session
+
+    path = models.save(models.convnet(), tmp_path / "c.onnx")
+    owned = build_segment(path, f"shmcache.00000000.{os.getpid()}.c.v1.abcdef", "c", tmp_path,
+                          prepack, "all")
+    settings = SessionSettings(intra_op_threads=1)
+    feed = {"img": RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    try:
+        with Segment.attach(owned.name) as seg:
+            session = create_session(seg, settings)
+            level = session.get_session_options().graph_optimization_level
+            got = session.run(None, feed)
+            del session
+    finally:
+        owned.unlink()
+    assert level == (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if prepack
+                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    want = reference(path, prepacked=prepack).run(None, feed)
+    assert [g.tobytes() for g in got] == [w.tobytes() for w in want]
+
+
 def test_background_prepare_runs_in_a_thread_of_lower_priority() -> None:
     """A standby's catch-up must yield the CPU to serving: its thread's nice value is raised,
     the caller's is not, and the thread's result or exception comes back to the awaiter."""
