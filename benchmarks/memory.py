@@ -14,10 +14,13 @@ configuration alive while measured.
 Baselines, measured in the same run and the same way:
 
 * empty worker = a worker of a daemon serving only the tiny model (one 16x16 MatMul), same mode,
-  same worker count; empty naive process = a naive process on the tiny model.
+  same worker count, as many warm standbys as the model's daemon keeps by default (one where
+  the segment holds pre-packed blobs, as the MLP's; none for the Conv model or the tiny one,
+  whose kernels pre-pack nothing, so the tiny daemon is given ``--standby`` to match); empty
+  naive process = a naive process on the tiny model.
 * private memory attributable to the model = worker USS - empty worker USS (means over workers).
 * daemon total = every process of the daemon (supervisor + workers + the default warm standby
-  in pre-packed mode, which the empty daemon has too), each page once:
+  if any, which the empty daemon has too), each page once:
   sum(PSS outside /dev/shm mappings) + the segments' allocated pages (st_blocks * 512). Summed
   over processes, the PSS of the segment mappings is the count of distinct segment pages
   mapped, so this formula neither misses unmapped segment pages nor counts mapped ones twice.
@@ -205,6 +208,7 @@ def main() -> int:
     args = parse_args()
     names = ["mlp"] + ([] if args.skip_conv else ["conv"])
     results: dict[tuple[str, str, int], dict] = {}
+    baselines = {("naive", name, n): ("naive", "tiny", n) for name in names for n in args.workers}
     sockets: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="shmcache-mem-") as tmpdir:
         tmp = Path(tmpdir)
@@ -218,12 +222,21 @@ def main() -> int:
         # Interleaved: for each worker count, every mode's baseline and models, then naive.
         for workers in args.workers:
             for mode, flags in MODES.items():
-                for name in ["tiny"] + names:
+                for name in names:
                     tag = f"{name}-{mode}-{workers}"
                     print(f"daemon {tag} ...", file=sys.stderr, flush=True)
-                    results[(mode, name, workers)] = measure_daemon(
+                    results[(mode, name, workers)] = r = measure_daemon(
                         tmp, tag, name, paths[name], workers, flags,
                         feed_shape(name, width), args.inferences, cache, sockets)
+                    empty = (mode, f"tiny+{r['spares']}", workers)  # same processes
+                    baselines[(mode, name, workers)] = empty
+                    if empty not in results:
+                        tag = f"tiny-{r['spares']}-{mode}-{workers}"
+                        print(f"daemon {tag} ...", file=sys.stderr, flush=True)
+                        results[empty] = measure_daemon(
+                            tmp, tag, "tiny", paths["tiny"], workers,
+                            flags + ["--standby", str(r["spares"])], feed_shape("tiny", width),
+                            args.inferences, cache, sockets)
             for name in ["tiny"] + names:
                 print(f"naive {name}-{workers} ...", file=sys.stderr, flush=True)
                 results[("naive", name, workers)] = measure_naive(
@@ -234,7 +247,7 @@ def main() -> int:
     for name in names:
         for kind in list(MODES) + ["naive"]:
             for workers in args.workers:
-                r, base = results[(kind, name, workers)], results[(kind, "tiny", workers)]
+                r, base = results[(kind, name, workers)], results[baselines[(kind, name, workers)]]
                 attributable = r["uss"] - base["uss"]
                 limit = PRIVATE_TARGET * sizes[name]
                 met = "-"
@@ -266,7 +279,7 @@ def main() -> int:
         trows = []
         for name in names:
             for kind in list(MODES) + ["naive"]:
-                r, base = results[(kind, name, 4)], results[(kind, "tiny", 4)]
+                r, base = results[(kind, name, 4)], results[baselines[(kind, name, 4)]]
                 # 2.1x only where the segment really holds both forms (Conv's fp32 kernels
                 # have no pre-packs in ORT 1.32: its pre-packed segment is one copy).
                 two_forms = kind == "pre-packed" and r["seg_size"] > 1.5 * sizes[name]
@@ -290,8 +303,8 @@ def main() -> int:
               "empty daemon's: the kernels this model runs and the tiny model does not. Pages of "
               "a shared library count once however many workers run them, and do not grow with "
               "the model's weights; judged with them all the same")
-        print("totals include the daemon's default warm standby (one with pre-packed segments, "
-              "none with --no-prepack), in the empty daemon's total as in the model's")
+        print("totals include the daemon's default warm standbys (one where the segment holds "
+              "pre-packed blobs, else none), and the empty daemon is given as many")
         print(f"2.1x for pre-packed segments that hold two forms, because: {PREPACK_REASON}")
     for n in notes:
         print(n)

@@ -115,7 +115,7 @@ def socket_of(args: argparse.Namespace) -> Path:
 SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("workers", int, "worker processes (default 2)"),
     ("standby", int, "warm spares that take over at once when a worker dies "
-                     "(default 1 with pre-packed segments, else 0)"),
+                     "(default 1 when a served segment holds pre-packed weights, else 0)"),
     ("threads", int, "intra-op threads per worker (default max(1, cores // workers))"),
     ("max_inflight", int, "requests a worker holds at once before answering overloaded (64)"),
     ("max_frame", int, "largest request or response frame in bytes (272 MiB)"),

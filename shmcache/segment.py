@@ -501,6 +501,12 @@ class Segment:
     def tensor_entries(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == KIND_TENSOR]
 
+    @property
+    def holds_blobs(self) -> bool:
+        """Whether the graph loads ORT's pre-packed weights: a session over it re-packs every
+        one of them to check it (so is slow to create)."""
+        return any(e.kind == KIND_BLOB for e in self.entries)
+
     def view(self, entry: Entry) -> np.ndarray:
         """A read-only numpy view of one entry's bytes, with no copy."""
         if entry.kind != KIND_TENSOR:

@@ -77,6 +77,17 @@ SIGNALS = {
 }
 
 
+def holds_blobs(owned: OwnedSegment) -> bool:
+    """Whether a segment the builder just wrote loads pre-packed blobs (assumed, if it cannot
+    be read back: a spare too many is the safe mistake)."""
+    try:
+        with Segment.attach(owned.name) as segment:
+            return segment.holds_blobs
+    except errors.SegmentError as exc:
+        log.warning("cannot read back %s: %s", owned.name, exc)
+        return True
+
+
 class StartupError(errors.ShmcacheError):
     """A check before serving failed; the message says what and how to fix it."""
 
@@ -173,6 +184,7 @@ class Arbiter:
         self.restarts = 0
         self.ready_announced = False
         self.reloading = False
+        self.spares_wanted: int | None = None  # standby count last logged
         self.listener: socket.socket | None = None
         self.ctl_listener: socket.socket | None = None
         self.ctl_peers: set[Peer] = set()
@@ -285,12 +297,13 @@ class Arbiter:
                 if item.model != state.name or item.version != version or state.current:
                     continue
                 try:
-                    Segment.attach(item.name, verify=True).close()
+                    with Segment.attach(item.name, verify=True) as segment:
+                        blobs = segment.holds_blobs
                 except errors.SegmentError as exc:
                     log.warning("not re-attaching %s: %s", item.name, exc)
                     continue
                 owned = registry.adopt(item.name)
-                state.versions[version] = Version(version, owned, file)
+                state.versions[version] = Version(version, owned, file, blobs)
                 state.current = version
                 log.info("re-attached intact segment %s for %s v%d (digest verified)",
                          item.name, state.name, version)
@@ -507,11 +520,12 @@ class Arbiter:
             owned.unlink()
             return
         state = self.models[build.model]
+        blobs = bool(result.get("prepacked")) and holds_blobs(owned)
         if build.job is not None:
-            state.versions[build.version] = Version(build.version, owned, build.job.file)
+            state.versions[build.version] = Version(build.version, owned, build.job.file, blobs)
             self.start_prepare(build.job, owned.size)
             return
-        state.versions[build.version] = Version(build.version, owned, build.path)
+        state.versions[build.version] = Version(build.version, owned, build.path, blobs)
         state.current = build.version
         assert self.table is not None
         self.table.flip(state.slot, build.version)
@@ -552,9 +566,22 @@ class Arbiter:
         self.manage_active_workers()
         standbys = [w for w in self.workers.values() if w.standby and w.state != "stopping"]
         booting = any(w.state == "booting" and not w.standby for w in self.workers.values())
+        wanted = self.cfg.spares(self.loads_blobs())
+        if wanted != self.spares_wanted and any(s.versions for s in self.models.values()):
+            log.info("keeping %d standby worker(s): %s", wanted,
+                     "configured" if self.cfg.standby is not None else
+                     "a served segment holds pre-packed blobs (a cold worker re-packs them)"
+                     if wanted else "no served segment holds pre-packed blobs")
+            self.spares_wanted = wanted
         if not self.reloading and not booting:
-            for _ in range(self.cfg.spares() - len(standbys)):
+            for _ in range(wanted - len(standbys)):
                 self.spawn_worker(standby=True)
+        for w in standbys[max(0, wanted):]:  # the last version with blobs was dropped
+            self.stop_worker(w)
+
+    def loads_blobs(self) -> bool:
+        """Whether a cold worker would re-pack weights: some loaded version holds blobs."""
+        return any(v.blobs for state in self.models.values() for v in state.versions.values())
 
     def activate_standby(self) -> bool:
         """Promote a ready standby to active: a replacement ready as fast as a message goes.

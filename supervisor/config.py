@@ -81,14 +81,16 @@ class ServeConfig:
     def control_socket(self) -> Path:
         return control_socket_path(self.socket)
 
-    def spares(self) -> int:
-        """Warm standby workers to keep. By default one when segments are pre-packed: a cold
-        replacement then pays ONNX Runtime's re-pack of every weight at session creation
-        (about half a naive load), while a spare maps the same shared pages and takes over in
-        milliseconds for the cost of one more process's private memory."""
+    def spares(self, blobs: bool) -> int:
+        """Warm standby workers to keep. By default one when a served segment holds pre-packed
+        blobs (``blobs``): a cold replacement then pays ONNX Runtime's re-pack of every weight
+        at session creation (about half a naive load), while a spare maps the same shared
+        pages and takes over in milliseconds for the cost of one more process's private
+        memory. Without blobs (plain segments, or models whose kernels pre-pack nothing, as
+        fp32 Conv) a cold session is created in milliseconds and a spare would only cost."""
         if self.standby is not None:
             return self.standby
-        return 1 if self.prepack and self.optimization != "disabled" else 0
+        return 1 if blobs else 0
 
     def intra_threads(self) -> int:
         if self.threads is not None:

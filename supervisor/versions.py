@@ -31,6 +31,7 @@ class Version:
     number: int
     segment: OwnedSegment
     file: Path  # the weights this version was built from (persisted copy once published)
+    blobs: bool = False  # its graph loads pre-packed blobs: slow to create a session over
 
 
 @dataclass

@@ -111,6 +111,25 @@ def convnet(seed: int = 2) -> onnx.ModelProto:
     return _model(graph)
 
 
+def conv_only(seed: int = 4) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv, no MatMul or Gemm: ORT 1.32's fp32 kernels pre-pack none of it."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "k1"),
+        numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "k2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["img", "k1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "k2"], ["out"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_only",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4, 16, 16])], inits)
+    return _model(graph)
+
+
 def multi_io(seed: int = 3) -> onnx.ModelProto:
     """Two inputs with dynamic dims, three outputs of different dtypes (float, int64, float16)."""
     rng = np.random.default_rng(seed)

@@ -314,6 +314,21 @@ def test_ping_answers_before_ready_and_infer_gets_not_ready(tmp_path: Path) -> N
     assert d.segments() == []
 
 
+def test_no_default_standby_when_no_segment_holds_blobs(tmp_path: Path) -> None:
+    """fp32 Conv kernels pre-pack nothing: a cold worker is ready in milliseconds, so by
+    default no spare is kept (an MLP's segment holds blobs and keeps one: test_publish)."""
+    conv = models.save(models.conv_only(), tmp_path / "conv.onnx")
+    d = Daemon(tmp_path, {"conv": conv}, workers=1).wait_ready()
+    try:
+        assert "keeping 0 standby worker(s): no served segment holds pre-packed blobs" \
+            in d.log_text()
+        time.sleep(1.0)  # a spare boots just after the active workers are ready
+        assert [w["role"] for w in d.status()["workers"]] == ["active"]
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def test_standby_takes_over_at_once_and_is_replaced(
     tmp_path: Path, model_paths: dict[str, Path]
 ) -> None:
