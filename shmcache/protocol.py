@@ -317,7 +317,10 @@ def tensor_from_wire(obj: object, arena: ArenaView | None = None) -> np.ndarray:
         raise errors.BadShape(
             f"data has {len(data)} bytes, shape {shape} of {dtype_name} needs {expected}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # zero bytes, yet dims numpy cannot hold: [2**63, 0] and the like
+        raise errors.BadShape(f"shape {shape} of {dtype_name} is not a valid array: {exc}") from None
 
 
 def tensor_bytes(obj: dict[str, Any], arena: ArenaView | None) -> bytes | memoryview:
@@ -375,6 +378,10 @@ def parse_request(msg: object, ops: frozenset[str] = DEFAULT_OPS,
     except errors.RemoteError as exc:
         exc.request_id = rid
         raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        # Something our checks let through and numpy refused: still this request's error, on
+        # its id, and the connection (framing intact) stays open.
+        raise errors.Malformed(f"request {rid} could not be read: {exc}", request_id=rid) from None
 
 
 def _parse_fields(rid: int, msg: dict[str, Any], ops: frozenset[str],

@@ -58,6 +58,10 @@ def test_contiguous_little_endian_tensor_is_not_copied_before_packing() -> None:
         ({"dtype": "float32", "shape": [3], "data": b"\0" * 8}, errors.BadShape),
         ({"dtype": "float32", "shape": [-2, -1], "data": b"\0" * 8}, errors.BadShape),
         ({"dtype": "float32", "shape": [2**62, 2**62], "data": b""}, errors.BadShape),
+        # zero bytes match, but numpy cannot make an array of these dims
+        ({"dtype": "float32", "shape": [2**40, 2**40, 0], "data": b""}, errors.BadShape),
+        ({"dtype": "uint8", "shape": [2**63, 0, 48], "data": b""}, errors.BadShape),
+        ({"dtype": "int64", "shape": [0, 2**64 - 1, 48], "data": b""}, errors.BadShape),
         ({"dtype": "float32", "shape": [1] * 33, "data": b"\0" * 4}, errors.BadShape),
         ({"dtype": "float32", "shape": [True], "data": b"\0" * 4}, errors.BadShape),
         ({"dtype": "float32", "shape": [1], "data": "abcd"}, errors.Malformed),

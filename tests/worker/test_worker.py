@@ -176,6 +176,23 @@ def test_unsupported_op_keeps_connection(fidelity_worker: tuple[WorkerProcess, d
         assert reply is not None and reply["ok"] and reply["id"] == 6
 
 
+@pytest.mark.parametrize("shape", [[2**40, 2**40, 0], [2**63, 0, 48], [0, 2**64 - 1, 48]])
+def test_hostile_empty_shape_is_answered_on_its_id(
+    fidelity_worker: tuple[WorkerProcess, dict[str, Path]], shape: list[int]
+) -> None:
+    """Zero bytes pass the size check, yet numpy cannot hold these dims: a bad_shape reply on
+    the request's id, and the connection stays open."""
+    worker, _ = fidelity_worker
+    request = protocol.make_request(4, "infer", model="mlp_matmul")
+    request["inputs"] = {"x": {"dtype": "float32", "shape": shape, "data": b""}}
+    with raw_connect(worker.socket_path) as sock:
+        sock.sendall(protocol.encode_frame(request))
+        reply = read_reply(sock)
+        assert reply is not None and reply["id"] == 4 and reply["error"]["code"] == "bad_shape"
+        sock.sendall(protocol.encode_frame(protocol.make_request(5, "ping")))
+        assert (read_reply(sock) or {}).get("id") == 5
+
+
 @pytest.mark.parametrize("frame, code", [
     (struct.pack(">I", protocol.DEFAULT_MAX_FRAME + 1), "frame_too_large"),
     (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "malformed"),  # 0xc1 is never valid msgpack
