@@ -982,8 +982,7 @@ class Arbiter:
                               "wait for it to finish")
         if not path.is_file():
             raise errors.PublishFailed(f"{path}: no such file (the path is read by the daemon)")
-        committed = self.manifest.committed(model)
-        version = state.attempted = state.next_version(committed[0] if committed else 0)
+        version = state.attempted = state.next_version(self.manifest.highest(model))
         job = PublishJob(model, version, path, registry.segment_name(self.instance, model, version),
                          self.manifest.version_file(model, version), peer, request.id,
                          deadline=time.monotonic() + self.cfg.boot_timeout)

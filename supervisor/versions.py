@@ -97,6 +97,18 @@ class Manifest:
             return None
         return entry["version"], file
 
+    def highest(self, model: str) -> int:
+        """The highest version number recorded for ``model``: committed, kept, or issued to a
+        publish. A restarted daemon loads only the committed version, and numbers its next
+        publish above all of these, so one number never names two different weights."""
+        entry = self.data["models"].get(model)
+        if not isinstance(entry, dict):
+            return 0
+        kept = entry.get("kept") if isinstance(entry.get("kept"), dict) else {}
+        numbers = [entry.get("version"), entry.get("issued"),
+                   *(int(k) for k in kept if isinstance(k, str) and k.isdigit())]
+        return max((n for n in numbers if isinstance(n, int)), default=0)
+
     def version_file(self, model: str, version: int) -> Path:
         return self.dir / "models" / model / f"v{version}.onnx"
 
@@ -112,6 +124,7 @@ class Manifest:
             "version": state.current,
             "file": rel(state.versions[state.current].file),
             "kept": {str(v): rel(state.versions[v].file) for v in state.versions if v != state.current},
+            "issued": max([state.attempted, self.highest(state.name), *state.versions]),
         }
         self.write()
 

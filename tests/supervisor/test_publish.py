@@ -306,6 +306,29 @@ def test_committed_version_survives_clean_stop_and_crash(
     assert d.segments() == []
 
 
+def test_a_restart_never_reissues_a_version_number(tmp_path: Path, weights: dict[str, Path]) -> None:
+    """v2 published then rolled back: after a restart only v1 is loaded, and the next publish
+    is v3. Reissuing 2 would make one number name two different weights."""
+    x = np.ones((1, 64), np.float32)
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+        d.control("rollback", model="m")
+        assert current_version(d) == 1
+    finally:
+        assert d.stop() == 0
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert current_version(d) == 1
+        done = publish(d, weights["B"])
+        assert done.returncode == 0 and "3" in done.stdout
+        _, version = call(d, x)
+        assert version == 3
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def test_killed_publisher_leaves_the_old_version_serving(
     daemon: Daemon, weights: dict[str, Path], tmp_path: Path
 ) -> None:
