@@ -104,7 +104,9 @@ class Manifest:
         entry = self.data["models"].get(model)
         if not isinstance(entry, dict):
             return 0
-        kept = entry.get("kept") if isinstance(entry.get("kept"), dict) else {}
+        kept = entry.get("kept")
+        if not isinstance(kept, dict):
+            kept = {}
         numbers = [entry.get("version"), entry.get("issued"),
                    *(int(k) for k in kept if isinstance(k, str) and k.isdigit())]
         return max((n for n in numbers if isinstance(n, int)), default=0)
