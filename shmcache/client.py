@@ -46,11 +46,12 @@ PathLike = str | os.PathLike[str]
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One model input or output; dynamic dims are str (symbolic) or None."""
+    """One model input or output; dynamic dims are str (symbolic) or None; ``shape`` is None
+    when the graph declares none (any rank)."""
 
     name: str
     dtype: str
-    shape: list[int | str | None]
+    shape: list[int | str | None] | None
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class ModelInfo:
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> ModelInfo:
         def tensors(items: Iterable[Mapping[str, Any]]) -> list[TensorInfo]:
-            return [TensorInfo(t["name"], t["dtype"], list(t["shape"])) for t in items]
+            return [TensorInfo(t["name"], t["dtype"],
+                               None if t["shape"] is None else list(t["shape"])) for t in items]
 
         try:
             return cls(obj["name"], obj["version"], tensors(obj["inputs"]), tensors(obj["outputs"]))
@@ -208,7 +210,7 @@ class _Connection:
         offsets, out_start, out_len, _ = layout
         wire = {}
         for (name, arr), offset in zip(fields["inputs"].items(), offsets):
-            dtype, arr = protocol.wire_array(arr)
+            dtype, arr = protocol.wire_array(arr, f"input {name!r}")
             self.arena.write(offset, arr)
             wire[name] = protocol.tensor_ref(dtype, arr.shape, offset, arr.nbytes)
         msg = protocol.make_request(next(self.ids), "infer", **{**fields, "inputs": None})

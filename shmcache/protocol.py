@@ -69,7 +69,7 @@ infer      ``version`` int (weights that computed it), ``outputs`` [[name, T], .
            the order asked, ``compute`` float (optional): seconds the model ran in the
            worker, without queueing or transport
 models     ``models`` [{name, version, inputs: [{name, dtype, shape}], outputs: [...]}]
-           (dynamic dims are str or nil)
+           (dynamic dims are str or nil; shape nil: declared without one, any rank)
 ping       ``ready`` bool, ``pid`` int, optional extra info keys
 other ops  op-specific keys (see ``ok_result``)
 error      ``ok`` false, ``error`` {code: str, message: str}; code is a key of
@@ -265,25 +265,27 @@ def as_c_contiguous(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
-def wire_array(arr: np.ndarray) -> tuple[str, np.ndarray]:
+def wire_array(arr: np.ndarray, what: str = "tensor") -> tuple[str, np.ndarray]:
     """The wire dtype name and a C-contiguous little-endian array of the same values.
 
     Only big-endian or non-contiguous arrays are converted (one copy each).  Unsupported
-    dtypes raise ``BadDtype``.
+    dtypes raise ``BadDtype`` naming ``what`` ("input 'x'").
     """
     name = _NAME_OF.get(arr.dtype) or arr.dtype.name
     wire = _WIRE_DTYPES.get(name)
     if wire is None or arr.dtype.kind not in "biuf":
-        raise errors.BadDtype(f"dtype {arr.dtype} is not one of {sorted(ALLOWED_DTYPES)}")
+        kind = " (strings or objects)" if arr.dtype.kind in "OSU" else ""
+        raise errors.BadDtype(f"{what} has dtype {arr.dtype}{kind}, which the wire cannot carry; "
+                              f"it carries {', '.join(sorted(ALLOWED_DTYPES))}")
     if arr.dtype != wire:
         arr = arr.astype(wire, order="C")
     return name, as_c_contiguous(arr)
 
 
-def tensor_to_wire(arr: np.ndarray) -> dict[str, Any]:
+def tensor_to_wire(arr: np.ndarray, what: str = "tensor") -> dict[str, Any]:
     """Describe ``arr`` as a wire tensor; ``data`` is a view of the array, not a copy
     (msgpack then copies the view once into its buffer)."""
-    return _inline_tensor(*wire_array(arr))
+    return _inline_tensor(*wire_array(arr, what))
 
 
 def _inline_tensor(dtype_name: str, arr: np.ndarray) -> dict[str, Any]:
@@ -451,7 +453,8 @@ def make_request(request_id: int, op: str, **fields: object) -> dict[str, Any]:
             continue
         if key == "inputs" and isinstance(value, Mapping):
             value = {
-                name: tensor_to_wire(np.asarray(arr)) for name, arr in value.items()
+                name: tensor_to_wire(np.asarray(arr), f"input {name!r}")
+                for name, arr in value.items()
             }
         msg[key] = value
     return msg
@@ -479,7 +482,8 @@ def ok_infer(
     """Success for ``infer``: outputs in the order the client asked for them, and how long
     the model ran (``compute`` seconds) when the worker measured it.  With an ``arena`` and
     the request's ``out`` region, outputs that fit are copied there and sent as ``shm``."""
-    named = [(name, *wire_array(np.asarray(arr))) for name, arr in outputs]
+    named = [(name, *wire_array(np.asarray(arr), f"output {name!r} (ask for the other outputs "
+                                "by name)")) for name, arr in outputs]
     offsets: list[int | None] = [None] * len(named)
     if arena is not None and out is not None:
         offsets = arena.place([arr for _, _, arr in named], out)

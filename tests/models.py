@@ -130,6 +130,44 @@ def conv_only(seed: int = 4) -> onnx.ModelProto:
     return _model(graph)
 
 
+def unranked(seed: int = 5) -> onnx.ModelProto:
+    """x declared without a shape (any rank, as some exporters write), MatMul by 8x4."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "unranked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    return _model(graph)
+
+
+def with_strings() -> onnx.ModelProto:
+    """y = x + 1 (float) and ys = the same values as strings, which the wire cannot carry."""
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"]),
+         helper.make_node("Cast", ["y"], ["ys"], to=TensorProto.STRING)], "with_strings",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"]),
+         helper.make_tensor_value_info("ys", TensorProto.STRING, ["n"])], [one])
+    return _model(graph)
+
+
+def overridable(seed: int = 6) -> onnx.ModelProto:
+    """y = x @ w * scale, where scale is an initializer also listed as a graph input: ORT
+    lets a run feed it (an optional input) or use the stored value."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "scale")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+         helper.make_node("Mul", ["xw", "scale"], ["y"])], "overridable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("scale", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+    return _model(graph)
+
+
 def multi_io(seed: int = 3) -> onnx.ModelProto:
     """Two inputs with dynamic dims, three outputs of different dtypes (float, int64, float16)."""
     rng = np.random.default_rng(seed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,14 +53,15 @@ class TensorSpec:
 
     name: str
     dtype: str  # numpy name, or ORT's type string when the wire cannot carry it
-    shape: tuple[Dim, ...]
+    shape: tuple[Dim, ...] | None  # None: the graph declares no shape, any rank goes
 
     @property
     def numpy_dtype(self) -> np.dtype | None:
         return _NUMPY.get(self.dtype)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {"name": self.name, "dtype": self.dtype,
+                "shape": None if self.shape is None else list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -127,14 +128,18 @@ class ModelRuntime:
     session: ort.InferenceSession
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    # Initializers also listed as graph inputs: ORT lets a run feed them (optional inputs).
+    overridable: list[TensorSpec] = field(default_factory=list)
     served: int = 0
     warmed: bool = False
     typical_seconds: float = 1.0  # moving average of successful runs; decides inline runs
     _input_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _output_names: set[str] = field(default_factory=set, repr=False)
+    _required: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        self._input_index = {spec.name: spec for spec in self.inputs}
+        self._input_index = {spec.name: spec for spec in self.inputs + self.overridable}
+        self._required = [spec.name for spec in self.inputs]
         self._output_names = {spec.name for spec in self.outputs}
 
     @classmethod
@@ -147,9 +152,15 @@ class ModelRuntime:
             segment.close()
             raise
         h = segment.header
-        return cls(h.model, h.version, segment, session,
-                   [spec_of(a) for a in session.get_inputs()],
-                   [spec_of(a) for a in session.get_outputs()])
+        inputs = [spec_of(a) for a in session.get_inputs()]
+        outputs = [spec_of(a) for a in session.get_outputs()]
+        if any(s.shape == () for s in inputs + outputs):
+            # ORT says [] both for a scalar and for a tensor declared without a shape.
+            unranked = unranked_values(segment.graph_bytes())
+            inputs, outputs = ([replace(s, shape=None) if s.name in unranked else s for s in specs]
+                               for specs in (inputs, outputs))
+        overridable = [spec_of(a) for a in session.get_overridable_initializers()]
+        return cls(h.model, h.version, segment, session, inputs, outputs, overridable)
 
     def close(self) -> None:
         """Free the session, then unmap the segment, once nothing runs on this version.
@@ -180,7 +191,7 @@ class ModelRuntime:
                     f"{', '.join(self._input_index)}")
             check_tensor(spec, array)
             check_symbols(spec, array, symbols)
-        missing = [name for name in self._input_index if name not in inputs]
+        missing = [name for name in self._required if name not in inputs]
         if missing:
             raise errors.MissingInput(f"model {self.model!r} needs input(s) {', '.join(missing)}")
         for name in outputs or ():
@@ -240,10 +251,22 @@ def spec_of(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, ORT_TYPES.get(arg.type, arg.type), dims)
 
 
+def unranked_values(graph: bytes) -> set[str]:
+    """Names of the graph's inputs and outputs declared without a shape (any rank)."""
+    import onnx  # only for a model with a rank-0-or-unranked value: workers rarely need it
+
+    model = onnx.ModelProto()
+    model.ParseFromString(graph)
+    return {v.name for v in [*model.graph.input, *model.graph.output]
+            if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")}
+
+
 def check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
     if array.dtype != spec.numpy_dtype:
         raise errors.BadDtype(
             f"input {spec.name!r} must be {spec.dtype}, got {array.dtype.name}")
+    if spec.shape is None:
+        return
     if len(array.shape) != len(spec.shape):
         raise errors.BadShape(
             f"input {spec.name!r} must have {len(spec.shape)} dimensions {list(spec.shape)}, "
@@ -261,7 +284,7 @@ UNNAMED_DIMS = frozenset({"", "?", "-1", "None", "unknown"})
 
 def check_symbols(spec: TensorSpec, array: np.ndarray, seen: dict[str, tuple[int, str]]) -> None:
     """A named dynamic dimension ("batch", "seq") must have one size across all inputs."""
-    for want, got in zip(spec.shape, array.shape):
+    for want, got in zip(spec.shape or (), array.shape):
         if not isinstance(want, str) or want in UNNAMED_DIMS:
             continue
         size, first = seen.setdefault(want, (got, spec.name))
@@ -278,8 +301,9 @@ def synthesize_inputs(specs: list[TensorSpec], dynamic: int = 1) -> dict[str, np
     one, which stays 1 so a retry does not grow the memory arena for nothing."""
     feed = {}
     for spec in specs:
+        declared = spec.shape if spec.shape is not None else (None,)  # any rank: try a vector
         shape = [d if isinstance(d, int) else (1 if axis == 0 else dynamic)
-                 for axis, d in enumerate(spec.shape)]
+                 for axis, d in enumerate(declared)]
         dtype = np.dtype(spec.dtype) if spec.dtype in ORT_TYPES.values() else np.float32
         feed[spec.name] = np.zeros(shape, dtype=dtype)
     return feed

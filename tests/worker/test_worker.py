@@ -44,6 +44,13 @@ FIDELITY_CASES = {
     "multi_io": (models.multi_io(),
                  lambda: {"a": RNG.standard_normal((2, 5, 6)).astype(np.float32),
                           "b": RNG.standard_normal((2, 5, 4)).astype(np.float32)}),
+    "unranked": (models.unranked(),
+                 lambda: {"x": RNG.standard_normal((2, 3, 8)).astype(np.float32)}),
+    "overridable": (models.overridable(),
+                    lambda: {"x": RNG.standard_normal((3, 4)).astype(np.float32),
+                             "scale": RNG.standard_normal(4).astype(np.float32)}),
+    "overridable_default": (models.overridable(),
+                            lambda: {"x": RNG.standard_normal((3, 4)).astype(np.float32)}),
     "int_and_half": (models.int_and_half(),
                      lambda: {"ints": RNG.integers(-100, 100, (4, 5), dtype=np.int32),
                               "halves": RNG.standard_normal((4, 5)).astype(np.float16)}),
@@ -116,6 +123,24 @@ def test_models_lists_signatures(fidelity_worker: tuple[WorkerProcess, dict[str,
     assert [(t.name, t.dtype, list(t.shape)) for t in multi.inputs] == [
         ("a", "float32", ["batch", "seq", 6]), ("b", "float32", ["batch", "seq", 4])]
     assert [t.dtype for t in multi.outputs] == ["float32", "int64", "float16"]
+    # declared without a shape: any rank (ORT lists [] for it, as for a scalar)
+    assert [(t.name, t.shape) for t in listed["unranked"].inputs] == [("x", None)]
+
+
+def test_string_tensors_get_errors_that_name_them(tmp_path: Path) -> None:
+    """The wire carries numbers and bools only: a string output is refused by name (the other
+    outputs still come when asked for), and a string input is refused before it is sent."""
+    path = models.save(models.with_strings(), tmp_path / "s.onnx")
+    x = np.arange(3, dtype=np.float32)
+    with running_worker(tmp_path, {"s": path}) as worker, \
+            shmcache.Client(str(worker.socket_path)) as client:
+        with pytest.raises(errors.BadDtype, match="output 'ys'"):
+            client.run("s", None, {"x": x})
+        (y,) = client.run("s", ["y"], {"x": x})
+        assert y.tolist() == [1.0, 2.0, 3.0]
+        with pytest.raises(errors.BadDtype, match="input 'x' has dtype <U1 \\(strings"):
+            client.run("s", None, {"x": np.array(["a", "b"])})
+        assert client.ping()["ready"] is True
 
 
 ERROR_CASES = [
@@ -124,6 +149,7 @@ ERROR_CASES = [
                                                            "extra": np.zeros(1, np.float32)})),
     (errors.MissingInput, dict(model="multi_io", inputs={"a": np.zeros((1, 1, 6), np.float32)})),
     (errors.BadDtype, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 32), np.float64)})),
+    (errors.BadDtype, dict(model="unranked", inputs={"x": np.zeros((2, 8), np.float64)})),
     (errors.BadShape, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 31), np.float32)})),
     (errors.BadShape, dict(model="mlp_matmul", inputs={"x": np.zeros((32,), np.float32)})),
     (errors.BadShape, dict(model="multi_io", inputs={"a": np.zeros((1, 2, 6), np.float32),
