@@ -135,7 +135,9 @@ def test_trim_heap_returns_the_top_a_hugetlb_glibc_keeps() -> None:
     out = run_python(HEAP_PROBE + textwrap.dedent("""
         trim_heap(libc)
         rounds = []
-        for kib in (640, 1024, 1536, 1792, 2560, 3584):
+        # The first round is a rehearsal: ctypes' and Python's first calls leave ~8 pages of
+        # their own (1 run in 20), which are not the heap's top.
+        for kib in (640, 640, 1024, 1536, 1792, 2560, 3584):
             base = rss()
             block = libc.malloc(kib << 10)
             libc.memset(block, 1, kib << 10)
@@ -146,27 +148,33 @@ def test_trim_heap_returns_the_top_a_hugetlb_glibc_keeps() -> None:
             rounds.append([kept, rss() - base])
         print(json.dumps(rounds))
     """), env={"GLIBC_TUNABLES": hugepages.TUNABLE})
-    assert all(left <= 4 * heap.PAGE for _, left in out), out
+    assert all(left <= 4 * heap.PAGE for _, left in out[1:]), out
 
 
 @needs_thp_madvise
 def test_trim_heap_finds_the_top_behind_many_larger_free_chunks() -> None:
     # After a Conv model's runs the heap holds dozens of free chunks larger than its top, and
     # malloc hands those out first (best fit): trim_heap must get past all of them. The top
-    # is touched over more than 2 MiB, so whatever malloc_trim(0) keeps of it is resident.
+    # is touched over more than 2 MiB, so whatever malloc_trim(0) keeps of it is resident:
+    # where a top ends within 2 MiB decides how much, so four sizes. Measured, 25 runs each:
+    # at most 42 pages left per round with trim_heap (a few pages of Python's own, sometimes
+    # ~30), at least 377 in the worst round with malloc_trim(0) alone.
     out = run_python(HEAP_PROBE + textwrap.dedent(f"""
         libc.prctl({hugepages.PR_SET_THP_DISABLE}, 1, 0, 0, 0)  # as in the daemon
-        big, pins = [], []
-        for _ in range(60):  # 2.5 MiB chunks kept apart by small live ones
-            big.append(libc.malloc(5 << 19))
-            pins.append(libc.malloc(256 << 10))  # too big to come from a free chunk elsewhere
-        trim_heap(libc)
-        base = rss()  # the chunks' headers are resident from here on
-        top = libc.malloc(7 << 19)
-        libc.memset(top, 1, 7 << 19)
-        for block in [top, *big]:
-            libc.free(block)
-        trim_heap(libc)
-        print(json.dumps(rss() - base))
+        pins, rounds = [], []
+        for size in (7 << 19, 5 << 20, 9 << 19, 13 << 19):
+            big = []
+            for _ in range(60):  # 2.5 MiB chunks kept apart by small live ones
+                big.append(libc.malloc(5 << 19))
+                pins.append(libc.malloc(256 << 10))  # too big to come from a free chunk elsewhere
+            trim_heap(libc)
+            base = rss()  # the chunks' headers are resident from here on
+            top = libc.malloc(size)
+            libc.memset(top, 1, size)
+            for block in [top, *big]:
+                libc.free(block)
+            trim_heap(libc)
+            rounds.append(rss() - base)
+        print(json.dumps(rounds))
     """), env={"GLIBC_TUNABLES": hugepages.TUNABLE})
-    assert out <= 8 * heap.PAGE
+    assert all(left <= 128 * heap.PAGE for left in out), out
