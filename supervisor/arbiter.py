@@ -1050,8 +1050,7 @@ class Arbiter:
         previous = state.current
         state.current = job.version
         self.manifest.commit(state)  # durable first: a crash after the flip must not lose it
-        assert self.table is not None
-        self.table.flip(state.slot, job.version)
+        self.flip(state, job.version)
         flipped = time.monotonic()
         job.phase = "committed"
         del self.publishes[job.model]
@@ -1063,6 +1062,14 @@ class Arbiter:
                                          previous=previous, timings=timings))
         self.drop_surplus_versions(state)
         self.catch_up_standbys(job)
+
+    def flip(self, state: ModelState, version: int) -> None:
+        """The one write that switches every active worker's next dispatch to ``version``.
+        Their versions in ``status`` follow at once, not at their next heartbeat."""
+        assert self.table is not None
+        self.table.flip(state.slot, version)
+        for w in self.ready_workers():
+            w.versions[state.name] = version
 
     def catch_up_standbys(self, job: PublishJob) -> None:
         """After a flip, every standby prepares the new version, at low priority (nothing waits
@@ -1150,8 +1157,7 @@ class Arbiter:
         previous = state.current
         state.current = target
         self.manifest.commit(state)
-        assert self.table is not None
-        self.table.flip(state.slot, target)
+        self.flip(state, target)
         log.info("rolled %s back from v%d to v%d", model, previous, target)
         return protocol.ok_result(request.id, model=model, version=target, previous=previous)
 

@@ -263,6 +263,8 @@ def test_pinned_versions_and_rollback(daemon: Daemon, weights: dict[str, Path]) 
     x = np.ones((1, 64), np.float32)
     a_out, _ = call(daemon, x)
     assert publish(daemon, weights["B"]).returncode == 0
+    # status shows what the workers dispatch to from the flip on, not at their next heartbeat
+    assert {w["versions"]["m"] for w in daemon.status()["workers"] if w["role"] == "active"} == {2}
     b_out, version = call(daemon, x)
     assert version == 2 and b_out.tobytes() != a_out.tobytes()
     pinned, version = call(daemon, x, version=1)
@@ -270,6 +272,7 @@ def test_pinned_versions_and_rollback(daemon: Daemon, weights: dict[str, Path]) 
     with pytest.raises(errors.NotFound):
         call(daemon, x, version=7)
     daemon.control("rollback", model="m")
+    assert {w["versions"]["m"] for w in daemon.status()["workers"] if w["role"] == "active"} == {1}
     y, version = call(daemon, x)
     assert version == 1 and y.tobytes() == a_out.tobytes()
     with pytest.raises(errors.NotFound):
