@@ -129,6 +129,16 @@ class Manifest:
             "issued": max([state.attempted, self.highest(state.name), *state.versions]),
         }
         self.write()
+        self.prune(state.name)
+
+    def prune(self, model: str) -> None:
+        """Delete ``model``'s weight copies the manifest no longer names: kept versions of a
+        run before a restart, which no process loaded. Safe at a commit: publishes of one model
+        are serialised, so no copy of it is being written."""
+        referenced = self.referenced_files()
+        for file in (self.dir / "models" / model).glob("v*.onnx"):
+            if file not in referenced:
+                file.unlink(missing_ok=True)
 
     def write(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

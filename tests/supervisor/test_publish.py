@@ -327,6 +327,9 @@ def test_a_restart_never_reissues_a_version_number(tmp_path: Path, weights: dict
         assert done.returncode == 0 and "3" in done.stdout
         _, version = call(d, x)
         assert version == 3
+        # v2's copy, kept before the restart and loaded by no one since, is gone
+        copies = sorted(p.name for p in (tmp_path / "state" / "models" / "m").iterdir())
+        assert copies == ["v3.onnx"]
     finally:
         assert d.stop() == 0
     assert d.segments() == []
