@@ -128,6 +128,13 @@ class Busy(RemoteError):
     code = "busy"
 
 
+class ModelFailed(RemoteError):
+    """The model itself failed on these inputs (an index out of range, shapes its nodes do not
+    accept): ONNX Runtime's message, the request's fault, not the daemon's."""
+
+    code = "model_failed"
+
+
 class Internal(RemoteError):
     code = "internal"
 
@@ -149,6 +156,7 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
         UnknownOutput,
         PublishFailed,
         Busy,
+        ModelFailed,
         Internal,
     )
 }

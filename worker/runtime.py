@@ -211,6 +211,11 @@ class ModelRuntime:
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             # ORT's own input checks, beyond what the signature says.
             raise errors.BadShape(f"model {self.model!r} rejected the inputs: {exc}") from exc
+        except (ort.capi.onnxruntime_pybind11_state.Fail,
+                ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
+            # A node failed on these values (Gather's index out of range, MatMul's dims on an
+            # input of any rank): the request's doing, so not "internal".
+            raise errors.ModelFailed(f"model {self.model!r} failed on these inputs: {exc}") from exc
         seconds = time.perf_counter() - started
         self.served += 1
         return list(zip(names, results)), seconds

@@ -150,6 +150,8 @@ ERROR_CASES = [
     (errors.MissingInput, dict(model="multi_io", inputs={"a": np.zeros((1, 1, 6), np.float32)})),
     (errors.BadDtype, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 32), np.float64)})),
     (errors.BadDtype, dict(model="unranked", inputs={"x": np.zeros((2, 8), np.float64)})),
+    # any rank passes the signature; MatMul by 8x4 refuses 5 columns when it runs
+    (errors.ModelFailed, dict(model="unranked", inputs={"x": np.zeros((2, 5), np.float32)})),
     (errors.BadShape, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 31), np.float32)})),
     (errors.BadShape, dict(model="mlp_matmul", inputs={"x": np.zeros((32,), np.float32)})),
     (errors.BadShape, dict(model="multi_io", inputs={"a": np.zeros((1, 2, 6), np.float32),
