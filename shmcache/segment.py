@@ -279,11 +279,14 @@ class OwnedSegment:
             pass
 
     def take_over(self) -> None:
-        """Record this process as the creator, for a daemon adopting a crashed one's segment."""
+        """Record this process as the creator, for a daemon adopting a crashed one's segment.
+
+        The time too: a sweep takes a creator that started after its object's time for a
+        reused pid, and would unlink the segment the adopter just took over."""
         shm = posix_ipc.SharedMemory(_posix_name(self.name))
         try:
             with mmap.mmap(shm.fd, HEADER_SIZE) as mem:
-                struct.pack_into("<I", mem, 128, os.getpid())
+                struct.pack_into("<qI", mem, 120, time.time_ns(), os.getpid())
         finally:
             shm.close_fd()
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,26 @@ def test_half_created_object_with_no_header_is_an_orphan(instance: str) -> None:
         assert [f.name for f in registry.sweep_orphans(instance)] == [name]
     finally:
         registry.remove(name)
+
+
+def test_an_adopted_segment_is_not_swept(tmp_path: Path, instance: str) -> None:
+    """A restarted daemon adopts a dead creator's sealed segment: the object's creator and
+    time become its own, so its next sweep must not take it for an orphan (the adopter
+    started long after the object was made)."""
+    orphan = make_orphan(tmp_path, instance)
+    with open(SHM / orphan, "r+b") as f:  # made an hour ago, as a crashed daemon's would be
+        f.seek(120)  # the header's creation time (shmcache.segment draws it)
+        f.write(struct.pack("<q", time.time_ns() - 3600 * 10**9))
+    adopter = ("import sys; from shmcache import registry; registry.adopt(sys.argv[1]); "
+               "print(len(registry.sweep_orphans(sys.argv[2])))")
+    try:
+        out = subprocess.run([sys.executable, "-c", adopter, orphan, instance], check=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                             text=True)
+        assert out.stdout.strip() == "0"  # swept nothing: the adopter is alive
+        assert (SHM / orphan).exists()
+    finally:
+        registry.remove(orphan)
 
 
 def test_pid_reused_by_a_younger_process_is_not_the_creator() -> None:
