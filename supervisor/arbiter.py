@@ -1088,6 +1088,8 @@ class Arbiter:
         model, version = w.catching_up.pop(msg["id"])
         if msg.get("ok"):
             log.info("standby worker %d prepared %s v%d", w.pid, model, version)
+            if self.models[model].current == version:
+                w.versions[model] = version  # what it serves once activated
             return
         # e.g. a later publish already dropped that version's segment
         error = msg.get("error") or {}

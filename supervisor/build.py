@@ -29,6 +29,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -42,6 +43,7 @@ from shmcache.segment import OwnedSegment, Segment  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -163,8 +165,23 @@ def report_progress(done: int, total: int) -> None:
         print(json.dumps({"progress": done, "total": total}), flush=True)
 
 
+def die_with_owner(owner_pid: int) -> None:
+    """Be killed when the supervisor dies. An orphaned builder would finish a segment and a
+    weight copy under a version number the restarted daemon does not know was taken, and may
+    issue again for other weights (found by a fault probe: supervisor SIGKILL mid-publish)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the supervisor's next start sweeps what is left
+    if os.getppid() != owner_pid:  # it died before the prctl took effect
+        os._exit(EXIT_FAILED)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    die_with_owner(args.owner_pid)
     try:
         result = build(args)
     except ShmcacheError as exc:

@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+import psutil
 import pytest
 from onnx import numpy_helper
 
@@ -105,7 +107,7 @@ def spy(n):
     return real_nice(n)
 os.nice = spy
 sys.argv = ["build", "--model-path", {str(tmp_path / "absent.onnx")!r}, "--model-name", "m",
-            "--segment", "shmcache-test-nice", "--version", "1", "--owner-pid", "1"]
+            "--segment", "shmcache-test-nice", "--version", "1", "--owner-pid", str(os.getppid())]
 try:
     runpy.run_module("supervisor.build", run_name="__main__")
 except SystemExit as exc:
@@ -118,3 +120,42 @@ except SystemExit as exc:
     assert report["calls"] == [[False, BUILD_NICENESS]]
     assert report["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + BUILD_NICENESS)
     assert report["code"] == 1 and "does not exist" in done.stdout
+
+
+def test_the_builder_dies_with_its_owner(tmp_path: Path) -> None:
+    """A supervisor killed mid-publish takes its builder along: an orphan would finish a
+    segment and a weight copy under a version number the restarted daemon may issue again.
+    The builder is stopped (SIGSTOP) once it reads the model, past its set-up, then its owner
+    is killed: only the kernel's parent-death signal can end it then."""
+    model = models.save(models.mlp((2048, 4096), seed=9), tmp_path / "m.onnx")  # 32 MiB
+    owner = f"""
+import os, subprocess, sys, time
+builder = subprocess.Popen([sys.executable, "-m", "supervisor.build", "--model-path", {str(model)!r},
+                            "--model-name", "m", "--segment", "shmcache-test-orphan",
+                            "--version", "2", "--owner-pid", str(os.getpid())])
+print(builder.pid, flush=True)
+time.sleep(120)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", owner], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    builder = psutil.Process(int(proc.stdout.readline()))
+    try:
+        deadline = time.monotonic() + 30
+        while not any(f.path == str(model) for f in builder.open_files()):
+            assert time.monotonic() < deadline, "the builder never opened the model"
+            time.sleep(0.002)
+        builder.suspend()
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while builder.is_running() and builder.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the builder outlived its owner"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if builder.is_running():
+            builder.kill()
+        Path("/dev/shm/shmcache-test-orphan").unlink(missing_ok=True)

@@ -393,6 +393,8 @@ def test_standby_catches_up_after_a_flip_and_takes_over_on_the_new_version(
                    "standby caught up")
         os.kill(d.worker_pids()[0], signal.SIGKILL)
         wait_until(lambda: spare in d.worker_pids(), 10, "standby activated")
+        # status says what the promoted spare serves: the version it caught up to
+        assert {w["versions"]["m"] for w in d.status()["workers"] if w["pid"] == spare} == {2}
         x = np.ones((1, 64), np.float32)
         expected = reference(weights["B"]).run(None, {"x": x})[0]
         for _ in range(20):  # whichever active worker answers, the former spare or not
