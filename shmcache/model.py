@@ -231,6 +231,7 @@ def build_model_segment(
     gid: int | None = None,
     creator_pid: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    source: bytes = b"",
 ) -> OwnedSegment:
     """Write ``model``'s weights and its rewritten graph into a new sealed segment.
 
@@ -246,4 +247,4 @@ def build_model_segment(
         return model.SerializeToString()
 
     return write_segment(name, model_name, version, sources, graph_for, mode=mode, gid=gid,
-                         creator_pid=creator_pid, progress=progress)
+                         creator_pid=creator_pid, progress=progress, source=source)

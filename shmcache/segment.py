@@ -27,7 +27,8 @@ Layout (all integers little-endian; offsets are from the start of the segment)::
              | 176  data offset      u64  page aligned                      |
              | 184  data length      u64                                    |
              | 192  key              32s  cache key of the data (pre-pack)  |
-             | 224  reserved         32s  zero                              |
+             | 224  source           32s  SHA-256 of the model file it was  |
+             |                            built from (zero: not recorded)   |
     256      +--------------------------------------------------------------+
              | entry table: count x ENTRY_SIZE (96) bytes                   |
              |   0  offset           u64  absolute, inside the data region  |
@@ -136,6 +137,7 @@ class Header:
     data_offset: int
     data_length: int
     key: bytes
+    source: bytes  # SHA-256 of the model file built from; zero when not recorded
 
     @property
     def sealed(self) -> bool:
@@ -300,6 +302,7 @@ def write_segment(
     *,
     flags: int = 0,
     key: bytes = b"",
+    source: bytes = b"",
     mode: int = 0o600,
     gid: int | None = None,
     creator_pid: int | None = None,
@@ -310,6 +313,7 @@ def write_segment(
     ``graph_for`` receives the final layout and returns the graph bytes, which may refer to the
     entries' offsets (that is how the stored graph points ONNX Runtime at the segment).
     ``creator_pid`` records the owner when a helper process builds on the daemon's behalf;
+    ``source`` the SHA-256 of the model file (what a restarted daemon checks before adopting);
     ``progress(bytes_written, total)`` is called as entries are filled.
     """
     encoded_model = model.encode("utf-8")
@@ -333,7 +337,7 @@ def write_segment(
         try:
             _fill(mem, plan, sources, graph, progress or (lambda done, total: None))
             _seal(mem, plan, graph, model=encoded_model, version=version, flags=flags, key=key,
-                  creator=creator_pid or os.getpid())
+                  creator=creator_pid or os.getpid(), source=source)
         finally:
             mem.close()
     except BaseException:
@@ -395,13 +399,14 @@ def _write_table(mem: mmap.mmap, plan: Plan) -> None:
 
 def _seal(
     mem: mmap.mmap, plan: Plan, graph: bytes, *, model: bytes, version: int, flags: int,
-    key: bytes, creator: int,
+    key: bytes, creator: int, source: bytes = b"",
 ) -> None:
     total = plan.graph_offset() + len(graph)
     HEADER.pack_into(
         mem, 0, MAGIC, LAYOUT_VERSION, STATE_BUILDING, flags, model, version, b"",
         time.time_ns(), creator, len(plan.entries), total, HEADER_SIZE, plan.table_length,
-        plan.graph_offset(), len(graph), plan.data_offset, plan.data_length, key[:32], b"",
+        plan.graph_offset(), len(graph), plan.data_offset, plan.data_length, key[:32],
+        source[:32],
     )
     digest = digest_of(mem, HEADER_SIZE, total, identity(mem))
     mem[DIGEST_OFFSET : DIGEST_OFFSET + 32] = digest
@@ -570,7 +575,7 @@ def parse_header(mem: mmap.mmap | bytes, size: int) -> Header:
         model = raw_model.rstrip(b"\0").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SegmentCorrupt("model name is not UTF-8") from exc
-    header = Header(layout, state, flags, model, *fields[5:18])
+    header = Header(layout, state, flags, model, *fields[5:19])
     _check_header_bounds(header, size)
     return header
 

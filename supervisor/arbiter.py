@@ -49,6 +49,7 @@ import psutil
 import uvloop  # noqa: F401 - imported once here so each forked worker starts ~50 ms sooner
 
 from shmcache import errors, protocol, registry
+from shmcache.model import model_digest
 from shmcache.segment import OwnedSegment, Segment
 from shmcache.state import VersionTable
 from worker.heap import load_glibc, trim_heap
@@ -298,9 +299,15 @@ class Arbiter:
                     continue
                 try:
                     with Segment.attach(item.name, verify=True) as segment:
-                        blobs = segment.holds_blobs
+                        blobs, source = segment.holds_blobs, segment.header.source
                 except errors.SegmentError as exc:
                     log.warning("not re-attaching %s: %s", item.name, exc)
+                    continue
+                if source != bytes.fromhex(model_digest(file)):
+                    # Same model and version, other weights: the configured file changed
+                    # since the crash (or the segment predates the record).
+                    log.info("not re-attaching %s: built from another file than %s",
+                             item.name, file)
                     continue
                 owned = registry.adopt(item.name)
                 state.versions[version] = Version(version, owned, file, blobs)

@@ -123,11 +123,12 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     if args.persist_to is not None:
         digest = persist(model, args.model_path, args.persist_to)
         source = args.persist_to
+    digest = digest or model_digest(source)  # recorded: a restart adopts only a match
     result: dict[str, object] = {"ok": True, "version": args.version}
     owned = None
     if args.prepack_cache is not None:
         try:
-            owned = build_prepacked(args, source, digest or model_digest(source))
+            owned = build_prepacked(args, source, digest)
             result["prepacked"] = args.save_prepacked
             result["optimized"] = True
         except SegmentError:
@@ -138,7 +139,7 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         owned = build_model_segment(
             model, name=args.segment, model_name=args.model_name,
             version=args.version, mode=args.mode, gid=args.gid, creator_pid=args.owner_pid,
-            progress=report_progress)
+            progress=report_progress, source=bytes.fromhex(digest))
     result.update(segment=owned.name, size=owned.size)
     return result
 
@@ -151,7 +152,8 @@ def build_prepacked(args: argparse.Namespace, source: Path, digest: str) -> Owne
                          packed=args.save_prepacked)
     return write_prepacked_segment(out, name=args.segment, model_name=args.model_name,
                                    version=args.version, mode=args.mode, gid=args.gid,
-                                   creator_pid=args.owner_pid, progress=report_progress)
+                                   creator_pid=args.owner_pid, progress=report_progress,
+                                   source=bytes.fromhex(digest))
 
 
 _last_report = [0.0]

@@ -373,7 +373,7 @@ def segment_sources(graph: onnx.ModelProto, data_path: Path) -> tuple[list[Exter
 def write_prepacked_segment(
     out: PrepackOutput, *, name: str, model_name: str, version: int, mode: int = 0o600,
     gid: int | None = None, creator_pid: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, source: bytes = b"",
 ) -> OwnedSegment:
     """A segment holding the optimized graph, the original weights and their pre-packed blobs
     (none when ``out.packed`` is false), with every external reference relocated into the
@@ -389,7 +389,7 @@ def write_prepacked_segment(
     flags = FLAG_PREPACKED if out.packed else FLAG_OPTIMIZED
     return write_segment(name, model_name, version, sources, graph_for, flags=flags,
                          key=bytes.fromhex(out.key)[:32], mode=mode, gid=gid,
-                         creator_pid=creator_pid, progress=progress)
+                         creator_pid=creator_pid, progress=progress, source=source)
 
 
 def cached_prepack(model_path: Path, cache_root: Path, opt_level: str, model_digest: str,

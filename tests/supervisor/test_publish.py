@@ -309,6 +309,26 @@ def test_committed_version_survives_clean_stop_and_crash(
     assert d.segments() == []
 
 
+def test_after_a_crash_a_changed_model_file_is_built_not_the_old_segment(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """v1 of A's segment survives a crash intact; the daemon restarted on B (never published)
+    must serve B: the segment records the digest of the file it was built from."""
+    x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    d.signal(signal.SIGKILL)
+    d.wait_exit(10)
+    d = Daemon(tmp_path, {"m": weights["B"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert "built from another file" in d.log_text()
+        y, version = call(d, x)
+        assert version == 1
+        assert y.tobytes() == reference(weights["B"]).run(None, {"x": x})[0].tobytes()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def test_a_restart_never_reissues_a_version_number(tmp_path: Path, weights: dict[str, Path]) -> None:
     """v2 published then rolled back: after a restart only v1 is loaded, and the next publish
     is v3. Reissuing 2 would make one number name two different weights."""
