@@ -35,6 +35,7 @@ import logging
 from collections import Counter
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -1068,6 +1069,7 @@ class Arbiter:
         job.peer.send(protocol.ok_result(job.request_id, model=job.model, version=job.version,
                                          previous=previous, timings=timings))
         self.drop_surplus_versions(state)
+        self.prune_cache()
         self.catch_up_standbys(job)
 
     def flip(self, state: ModelState, version: int) -> None:
@@ -1134,6 +1136,27 @@ class Arbiter:
             if now > job.deadline:
                 self.fail_publish(job, f"not prepared on every worker within "
                                        f"{self.cfg.boot_timeout:.0f}s")
+
+    def prune_cache(self) -> None:
+        """Delete the pre-packs no loaded version was built from. Each publish adds one (2x
+        the model for a pre-packed MLP: 817 MiB after ten publishes of a 68 MiB model), and a
+        restart needs only the loaded versions'. Not while a build runs: it may be reading its
+        entry; an unreadable segment keeps everything."""
+        cache = self.cfg.state_dir / "cache"
+        if self.builds or not cache.is_dir():
+            return
+        keep = set()
+        for state in self.models.values():
+            for version in state.versions.values():
+                try:
+                    with Segment.attach(version.segment.name) as segment:
+                        keep.add(segment.header.key.hex())
+                except errors.SegmentError:
+                    return
+        for entry in cache.iterdir():
+            if entry.is_dir() and not entry.name.startswith(".") and entry.name not in keep:
+                shutil.rmtree(entry, ignore_errors=True)
+                log.info("pruned pre-pack %s (no loaded version uses it)", entry.name[:16])
 
     def drop_surplus_versions(self, state: ModelState) -> None:
         """Unlink versions neither current nor kept; memory returns when workers unmap them."""

@@ -147,6 +147,20 @@ def test_dropped_versions_are_unmapped_by_every_worker(
     assert call(daemon, np.ones((1, 64), np.float32))[1] == 4
 
 
+def test_pre_packs_of_dropped_versions_leave_the_cache(
+    daemon: Daemon, weights: dict[str, Path], tmp_path: Path
+) -> None:
+    """keep=1: after publishing B then C, A's version is dropped and so is its pre-pack; the
+    cache holds the loaded versions' only (each is ~2x the model on disk)."""
+    c = models.save(models.mlp(SIZES, seed=5), tmp_path / "c.onnx")
+    cache = tmp_path / "state" / "cache"
+    assert len(list(cache.iterdir())) == 1
+    for path in (weights["B"], c):
+        assert publish(daemon, path).returncode == 0
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+    assert "pruned pre-pack" in daemon.log_text()
+
+
 def test_signature_change_refused_unless_allowed(daemon: Daemon, weights: dict[str, Path]) -> None:
     done = publish(daemon, weights["bad_sig"])
     assert done.returncode == 1
