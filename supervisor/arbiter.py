@@ -79,15 +79,16 @@ SIGNALS = {
 }
 
 
-def holds_blobs(owned: OwnedSegment) -> bool:
-    """Whether a segment the builder just wrote loads pre-packed blobs (assumed, if it cannot
-    be read back: a spare too many is the safe mistake)."""
+def read_back(owned: OwnedSegment) -> tuple[bool, bytes | None]:
+    """Whether a segment the builder just wrote loads pre-packed blobs, and its pre-pack key.
+    If it cannot be read back: blobs assumed (a spare too many is the safe mistake), key
+    unknown (the cache is then left as it is)."""
     try:
         with Segment.attach(owned.name) as segment:
-            return segment.holds_blobs
+            return segment.holds_blobs, segment.header.key
     except errors.SegmentError as exc:
         log.warning("cannot read back %s: %s", owned.name, exc)
-        return True
+        return True, None
 
 
 class StartupError(errors.ShmcacheError):
@@ -300,7 +301,8 @@ class Arbiter:
                     continue
                 try:
                     with Segment.attach(item.name, verify=True) as segment:
-                        blobs, source = segment.holds_blobs, segment.header.source
+                        blobs, key = segment.holds_blobs, segment.header.key
+                        source = segment.header.source
                 except errors.SegmentError as exc:
                     log.warning("not re-attaching %s: %s", item.name, exc)
                     continue
@@ -311,7 +313,7 @@ class Arbiter:
                              item.name, file)
                     continue
                 owned = registry.adopt(item.name)
-                state.versions[version] = Version(version, owned, file, blobs)
+                state.versions[version] = Version(version, owned, file, blobs, key)
                 state.current = version
                 log.info("re-attached intact segment %s for %s v%d (digest verified)",
                          item.name, state.name, version)
@@ -528,12 +530,13 @@ class Arbiter:
             owned.unlink()
             return
         state = self.models[build.model]
-        blobs = bool(result.get("prepacked")) and holds_blobs(owned)
+        blobs, key = read_back(owned)
         if build.job is not None:
-            state.versions[build.version] = Version(build.version, owned, build.job.file, blobs)
+            state.versions[build.version] = Version(build.version, owned, build.job.file, blobs,
+                                                    key)
             self.start_prepare(build.job, owned.size)
             return
-        state.versions[build.version] = Version(build.version, owned, build.path, blobs)
+        state.versions[build.version] = Version(build.version, owned, build.path, blobs, key)
         state.current = build.version
         assert self.table is not None
         self.table.flip(state.slot, build.version)
@@ -584,7 +587,7 @@ class Arbiter:
         if not self.reloading and not booting:
             for _ in range(wanted - len(standbys)):
                 self.spawn_worker(standby=True)
-        for w in standbys[max(0, wanted):]:  # the last version with blobs was dropped
+        for w in standbys[wanted:]:  # the last version with blobs was dropped
             self.stop_worker(w)
 
     def loads_blobs(self) -> bool:
@@ -1141,18 +1144,12 @@ class Arbiter:
         """Delete the pre-packs no loaded version was built from. Each publish adds one (2x
         the model for a pre-packed MLP: 817 MiB after ten publishes of a 68 MiB model), and a
         restart needs only the loaded versions'. Not while a build runs: it may be reading its
-        entry; an unreadable segment keeps everything."""
+        entry; a version whose key is unknown keeps everything."""
         cache = self.cfg.state_dir / "cache"
-        if self.builds or not cache.is_dir():
+        keys = [v.key for state in self.models.values() for v in state.versions.values()]
+        if self.builds or not cache.is_dir() or None in keys:
             return
-        keep = set()
-        for state in self.models.values():
-            for version in state.versions.values():
-                try:
-                    with Segment.attach(version.segment.name) as segment:
-                        keep.add(segment.header.key.hex())
-                except errors.SegmentError:
-                    return
+        keep = {key.hex() for key in keys if key is not None}
         for entry in cache.iterdir():
             if entry.is_dir() and not entry.name.startswith(".") and entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True)

@@ -32,6 +32,7 @@ class Version:
     segment: OwnedSegment
     file: Path  # the weights this version was built from (persisted copy once published)
     blobs: bool = False  # its graph loads pre-packed blobs: slow to create a session over
+    key: bytes | None = None  # its pre-pack's cache key (segment header); None: unknown
 
 
 @dataclass
