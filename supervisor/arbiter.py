@@ -173,6 +173,7 @@ class Arbiter:
         self.table: VersionTable | None = None
         self.manifest = Manifest(config.state_dir)
         self.publishes: dict[str, PublishJob] = {}
+        self.restores_tried: set[tuple[str, int]] = set()  # (model, version) restored or tried
         self.prepare_ids: dict[int, tuple[str, int]] = {}  # control id -> (model, worker pid)
         self.metrics = MetricsRegistry(memory_of=memory_of)
         self.http: HttpEndpoint | None = None
@@ -292,13 +293,17 @@ class Arbiter:
         return 1, state.path
 
     def adopt_intact_segments(self) -> None:
-        """After a crash, re-attach the committed version's segment if it is sealed and intact."""
+        """After a crash, re-attach the committed and kept versions' segments that are sealed
+        and intact, and built from the file the manifest names for them."""
         found = [f for f in registry.list_objects(self.instance) if f.orphan and f.sealed]
         for state in self.models.values():
-            version, file = self.initial_version(state)
+            current, _ = self.initial_version(state)
+            wanted = dict([self.initial_version(state), *self.kept_to_restore(state)])
             for item in found:
-                if item.model != state.name or item.version != version or state.current:
+                if item.model != state.name or item.version not in wanted \
+                        or item.version in state.versions:
                     continue
+                version, file = item.version, wanted[item.version]
                 try:
                     with Segment.attach(item.name, verify=True) as segment:
                         blobs, key = segment.holds_blobs, segment.header.key
@@ -314,9 +319,17 @@ class Arbiter:
                     continue
                 owned = registry.adopt(item.name)
                 state.versions[version] = Version(version, owned, file, blobs, key)
-                state.current = version
-                log.info("re-attached intact segment %s for %s v%d (digest verified)",
-                         item.name, state.name, version)
+                if version == current:
+                    state.current = version
+                log.info("re-attached intact segment %s for %s v%d%s (digest verified)",
+                         item.name, state.name, version, "" if version == current else " (kept)")
+
+    def kept_to_restore(self, state: ModelState) -> list[tuple[int, Path]]:
+        """The kept versions the manifest records for ``state`` that a restart loads again,
+        newest first, as many as ``--keep`` allows."""
+        if self.manifest.committed(state.name) is None:
+            return []
+        return self.manifest.kept(state.name)[: self.cfg.keep]
 
     def start_metrics(self) -> None:
         if not self.cfg.metrics_address:
@@ -476,6 +489,8 @@ class Arbiter:
                 self.phase = "running"
                 log.info("all %d model(s) in shared memory; starting %d worker(s)",
                          len(self.models), self.target)
+                for state in self.models.values():
+                    self.start_restore(state)
 
     def read_build(self, build: Build) -> None:
         assert build.proc.stdout is not None
@@ -754,7 +769,14 @@ class Arbiter:
             self.drop_peer(w.peer)
             self.metrics.worker_gone(pid)
             for job in list(self.publishes.values()):
-                if pid in job.waiting:
+                if pid not in job.waiting:
+                    continue
+                if job.restore or w.state == "stopping":
+                    # Not a veto: we stopped it (SIGTTOU, a reload, a stale worker), or a
+                    # restore, whose segment the replacement maps at boot. Fewer to wait for.
+                    del job.waiting[pid]
+                    self.maybe_commit(job)
+                else:
                     self.fail_publish(job, f"worker {pid} died while preparing "
                                            f"({describe_status(status)})")
             self.on_worker_exit(w, status)
@@ -958,11 +980,17 @@ class Arbiter:
                         for w in sorted(self.workers.values(), key=lambda w: w.started)],
             "models": [dict(name=m.name, version=m.current, segment=m.segment.name,
                             size=m.segment.size, path=str(m.versions[m.current].file),
-                            kept=sorted(v for v in m.versions if v != m.current),
-                            publishing=self.publishes[m.name].version
-                            if m.name in self.publishes else None)
+                            kept=sorted(v for v in m.versions
+                                        if v != m.current and v != self.job_version(m.name)),
+                            publishing=self.job_version(m.name, "publish"),
+                            restoring=self.job_version(m.name, "restore"))
                        for m in self.models.values() if m.current],
         }
+
+    def job_version(self, model: str, kind: str | None = None) -> int | None:
+        """The version a publish or restore of ``model`` (of ``kind``, if given) is loading."""
+        job = self.publishes.get(model)
+        return job.version if job is not None and kind in (None, job.kind) else None
 
     def drop_peer(self, peer: Peer) -> None:
         try:
@@ -987,6 +1015,8 @@ class Arbiter:
             raise errors.UnknownModel(f"no model {model!r}; serving: {', '.join(self.models)}")
         if self.phase != "running":
             raise errors.NotReady(f"cannot publish while {self.phase}")
+        if model in self.publishes and self.publishes[model].restore:
+            self.abandon_restores(state, "a publish came first")
         if model in self.publishes:
             job = self.publishes[model]
             raise errors.Busy(f"a publish of {model!r} (v{job.version}) is already {job.phase}; "
@@ -1003,6 +1033,31 @@ class Arbiter:
         if raw.get("allow_signature_change"):
             extra.append("--allow-signature-change")
         self.start_build(model, path, version, extra, job)
+
+    def start_restore(self, state: ModelState) -> None:
+        """After a restart, load the next kept version the manifest records again, as a
+        restore (supervisor.publish): one at a time per model, each tried once."""
+        if self.phase != "running" or state.name in self.publishes:
+            return
+        for version, file in self.kept_to_restore(state):
+            if version in state.versions or (state.name, version) in self.restores_tried:
+                continue
+            self.restores_tried.add((state.name, version))
+            job = PublishJob(state.name, version, file,
+                             registry.segment_name(self.instance, state.name, version), file,
+                             None, 0, deadline=time.monotonic() + self.cfg.boot_timeout)
+            self.publishes[state.name] = job
+            log.info("loading kept version %s v%d again for rollback", state.name, version)
+            self.start_build(state.name, file, version, job=job)
+            return
+
+    def abandon_restores(self, state: ModelState, why: str) -> None:
+        """A publish does not wait for kept versions to load again: the versions it keeps
+        are counted from the new one, so ``--keep 1`` would drop the restored one anyway."""
+        self.restores_tried.update((state.name, v) for v, _ in self.kept_to_restore(state))
+        job = self.publishes.get(state.name)
+        if job is not None and job.restore:
+            self.fail_publish(job, why)
 
     def start_prepare(self, job: PublishJob, size: int) -> None:
         """Ask every active worker to prepare. Standbys do not take part: a third session
@@ -1033,8 +1088,9 @@ class Arbiter:
         """Send the control op ``prepare`` for ``job``'s segment; its request id."""
         rid = self.next_control_id
         self.next_control_id += 1
+        # A restore is not waited for: like a standby's catch-up, it takes only idle CPU.
         w.peer.send({"op": "prepare", "id": rid, "model": job.model, "version": job.version,
-                     "segment": job.segment, "background": background})
+                     "segment": job.segment, "background": background or job.restore})
         return rid
 
     def on_prepared(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
@@ -1058,6 +1114,9 @@ class Arbiter:
         if job.phase != "preparing" or job.waiting or not live <= job.prepared:
             return
         state = self.models[job.model]
+        if job.restore:
+            self.finish_restore(job, state)
+            return
         previous = state.current
         state.current = job.version
         self.manifest.commit(state)  # durable first: a crash after the flip must not lose it
@@ -1069,11 +1128,20 @@ class Arbiter:
         log.info("published %s v%d (was v%d): write %.2fs, prepare %.2fs, total %.2fs",
                  job.model, job.version, previous, timings["write"], timings["prepare"],
                  timings["total"])
+        assert job.peer is not None  # a publish's
         job.peer.send(protocol.ok_result(job.request_id, model=job.model, version=job.version,
                                          previous=previous, timings=timings))
         self.drop_surplus_versions(state)
         self.prune_cache()
         self.catch_up_standbys(job)
+
+    def finish_restore(self, job: PublishJob, state: ModelState) -> None:
+        job.phase = "committed"
+        del self.publishes[job.model]
+        log.info("kept version %s v%d loaded again in %.2fs; rollback can flip to it",
+                 job.model, job.version, time.monotonic() - job.started)
+        self.catch_up_standbys(job)
+        self.start_restore(state)
 
     def flip(self, state: ModelState, version: int) -> None:
         """The one write that switches every active worker's next dispatch to ``version``.
@@ -1115,7 +1183,11 @@ class Arbiter:
             return
         del self.publishes[job.model]
         job.phase, job.error = "failed", why
-        log.error("publish of %s v%d failed: %s", job.model, job.version, why)
+        if job.restore:
+            log.warning("kept version %s v%d could not be loaded again (no rollback to it): %s",
+                        job.model, job.version, why)
+        else:
+            log.error("publish of %s v%d failed: %s", job.model, job.version, why)
         build = self.builds.pop(f"publish:{job.model}", None)
         if build is not None:
             build.proc.kill()
@@ -1129,6 +1201,9 @@ class Arbiter:
         registry.remove(job.segment)
         if job.file not in self.manifest.referenced_files():
             job.file.unlink(missing_ok=True)
+        if job.peer is None:
+            self.start_restore(self.models[job.model])  # the next kept version, if any
+            return
         job.peer.send(protocol.error_reply(job.request_id, errors.PublishFailed(
             f"{job.model} v{job.version} was not published (v{self.models[job.model].current} "
             f"still serves): {why}")))
@@ -1175,7 +1250,10 @@ class Arbiter:
         if state is None or not state.current:
             raise errors.UnknownModel(f"no model {model!r}")
         if model in self.publishes:
-            raise errors.Busy(f"a publish of {model!r} is in progress")
+            job = self.publishes[model]
+            raise errors.Busy(f"{model!r} v{job.version} is still loading after the restart; "
+                              "retry in a few seconds" if job.restore else
+                              f"a publish of {model!r} is in progress")
         to = request.raw.get("to")
         target = state.rollback_target(int(to) if isinstance(to, int) else None)
         if target is None:

@@ -15,6 +15,12 @@
 
 The publisher's connection is the publish's lifeline: if it closes before the flip (the CLI was
 killed), the publish is abandoned and the daemon keeps serving the old version.
+
+A *restore* is the same machine without a publisher and without the flip: after a restart, each
+kept version the manifest records is built and prepared everywhere again, in the background,
+so that ``rollback`` still finds it. Its commit only marks the version loaded. A worker that
+dies meanwhile does not fail it (its replacement maps the segment at boot); anything else does,
+and then the version is only lost for rollback, never served.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class PublishJob:
     candidate: Path
     segment: str
     file: Path  # durable copy of the new version's weights
-    peer: Peer
+    peer: Peer | None  # the publisher; None for a restore
     request_id: int
     deadline: float
     phase: str = "building"  # building -> preparing -> committed | failed
@@ -45,6 +51,14 @@ class PublishJob:
     prepared: set[int] = field(default_factory=set)
     error: str = ""
 
+    @property
+    def restore(self) -> bool:
+        return self.peer is None
+
+    @property
+    def kind(self) -> str:
+        return "restore" if self.restore else "publish"
+
     def timings(self, flipped_at: float) -> dict[str, float]:
         return {
             "write": self.built_at - self.started,
@@ -53,7 +67,8 @@ class PublishJob:
         }
 
     def progress(self) -> dict[str, object]:
-        return {"model": self.model, "version": self.version, "phase": self.phase,
+        return {"model": self.model, "version": self.version, "kind": self.kind,
+                "phase": self.phase,
                 "elapsed": time.monotonic() - self.started, "size": self.size,
                 "written": self.written,
                 "prepared": len(self.prepared), "waiting": len(self.waiting),

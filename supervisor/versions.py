@@ -3,7 +3,8 @@
 A model has one current version and up to ``keep`` earlier ones (for rollback), each in its own
 sealed segment that every worker has loaded. The manifest in the state directory records, per
 model, the last *committed* version and the file holding its weights, so a restart — after a
-clean stop or a crash — serves that version rather than the file the daemon was first given.
+clean stop or a crash — serves that version rather than the file the daemon was first given,
+and the kept ones, which a restart loads again (in the background) for rollback.
 
 Manifest (``<state_dir>/manifest.json``, replaced atomically: write, fsync, rename, fsync dir)::
 
@@ -97,6 +98,17 @@ class Manifest:
         if not isinstance(entry.get("version"), int) or not file.is_file():
             return None
         return entry["version"], file
+
+    def kept(self, model: str) -> list[tuple[int, Path]]:
+        """``model``'s kept (version, file) pairs whose file still exists, newest first: what
+        a restarted daemon loads again so that a rollback still finds them."""
+        entry = self.data["models"].get(model)
+        kept = entry.get("kept") if isinstance(entry, dict) else None
+        if not isinstance(kept, dict):
+            return []
+        found = [(int(k), self.dir / str(f)) for k, f in kept.items()
+                 if isinstance(k, str) and k.isdigit()]
+        return sorted(((v, f) for v, f in found if f.is_file()), reverse=True)
 
     def highest(self, model: str) -> int:
         """The highest version number recorded for ``model``: committed, kept, or issued to a

@@ -109,6 +109,10 @@ class Worker:
         self.config = config
         self.control_sock = control
         self.runtimes: dict[str, dict[int, ModelRuntime]] = {m: {} for m in config.models}
+        # (model, version) of prepares running, and of those dropped meanwhile (an abandoned
+        # publish): a session finished after its drop must not stay, mapping a dead segment.
+        self.preparing: set[tuple[str, int]] = set()
+        self.cancelled: set[tuple[str, int]] = set()
         self.table = VersionTable.attach(config.version_table) if config.version_table else None
         self.inflight = 0
         self.served = 0
@@ -356,22 +360,39 @@ class Worker:
         """
         if model not in self.runtimes:
             raise errors.UnknownModel(f"no model {model!r}")
+        if version in self.runtimes[model]:
+            return  # mapped at boot: this worker started after the segment was built
+        self.preparing.add((model, version))
+        try:
+            runtime = await self._prepare_runtime(model, segment, background)
+        finally:
+            self.preparing.discard((model, version))
+        why = ""
+        if (model, version) in self.cancelled:
+            self.cancelled.discard((model, version))
+            why = f"{model} v{version} was dropped while it was prepared"
+        elif runtime.version != version or runtime.model != model:
+            why = (f"segment {segment!r} holds {runtime.model} v{runtime.version}, "
+                   f"expected {model} v{version}")
+        if why:
+            release_in_thread(runtime, f"release-{model}-v{version}")
+            del runtime  # the release thread waits for the last other reference
+            raise errors.PublishFailed(why)
+        self.runtimes[model][version] = runtime
+        self.heap.note_activity()
+
+    async def _prepare_runtime(self, model: str, segment: str, background: bool) -> ModelRuntime:
         loop = asyncio.get_running_loop()
-        delay = float(os.environ.get("SHMCACHE_FAULT_PREPARE_DELAY", "0"))
-        if delay:  # fault injection for tests: widen the window in which a prepare is running
-            await asyncio.sleep(delay)
         # Strict when the served version warms up: a new version that cannot is a regression.
         strict = any(r.warmed for r in self.runtimes[model].values())
         if background and self.config.settings.intra_op_threads == 1:
             runtime = await in_niced_thread(self._open_and_warm, segment, strict, True)
         else:
             runtime = await loop.run_in_executor(None, self._open_and_warm, segment, strict, True)
-        if runtime.version != version or runtime.model != model:
-            raise errors.PublishFailed(
-                f"segment {segment!r} holds {runtime.model} v{runtime.version}, "
-                f"expected {model} v{version}")
-        self.runtimes[model][version] = runtime
-        self.heap.note_activity()
+        delay = float(os.environ.get("SHMCACHE_FAULT_PREPARE_DELAY", "0"))
+        if delay:  # fault injection for tests: widen the window in which a prepare is running
+            await asyncio.sleep(delay)
+        return runtime
 
     async def activate(self) -> None:
         """A standby becomes an active worker: it starts accepting on the shared socket."""
@@ -382,13 +403,12 @@ class Worker:
     def drop(self, model: str, version: int) -> None:
         """Forget a version; requests still running on it keep their reference until done.
         Its session and mapping are freed off the loop (release_when_unused)."""
+        if (model, version) in self.preparing:
+            self.cancelled.add((model, version))
         if version != self.current_version(model):
             runtime = self.runtimes.get(model, {}).pop(version, None)
             if runtime is not None:
-                box = [runtime]
-                del runtime
-                threading.Thread(target=release_when_unused, args=(box,), daemon=True,
-                                 name=f"release-{model}-v{version}").start()
+                release_in_thread(runtime, f"release-{model}-v{version}")
 
 
 class Acceptor:
@@ -719,6 +739,14 @@ async def in_niced_thread(fn: Callable[..., T], *args: object) -> T:
 
 RELEASE_POLL = 0.005  # seconds between looks at whether a dropped version is still in use
 RELEASE_PATIENCE = 600.0  # seconds after which a release stops waiting for other holders
+
+
+def release_in_thread(runtime: ModelRuntime, name: str) -> None:
+    """Hand ``runtime`` to a thread of its own that frees it once unused (the caller must
+    hold no other reference)."""
+    box = [runtime]
+    del runtime
+    threading.Thread(target=release_when_unused, args=(box,), daemon=True, name=name).start()
 
 
 def release_when_unused(box: list[Any]) -> None:

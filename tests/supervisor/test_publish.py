@@ -344,8 +344,8 @@ def test_after_a_crash_a_changed_model_file_is_built_not_the_old_segment(
 
 
 def test_a_restart_never_reissues_a_version_number(tmp_path: Path, weights: dict[str, Path]) -> None:
-    """v2 published then rolled back: after a restart only v1 is loaded, and the next publish
-    is v3. Reissuing 2 would make one number name two different weights."""
+    """v2 published then rolled back; restarted with --keep 0 only v1 is loaded, and the next
+    publish is v3. Reissuing 2 would make one number name two different weights."""
     x = np.ones((1, 64), np.float32)
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
     try:
@@ -354,9 +354,10 @@ def test_a_restart_never_reissues_a_version_number(tmp_path: Path, weights: dict
         assert current_version(d) == 1
     finally:
         assert d.stop() == 0
-    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1,
+               extra=["--standby", "0", "--keep", "0"]).wait_ready()
     try:
-        assert current_version(d) == 1
+        assert current_version(d) == 1 and kept_versions(d) == []
         done = publish(d, weights["B"])
         assert done.returncode == 0 and "3" in done.stdout
         _, version = call(d, x)
@@ -364,6 +365,101 @@ def test_a_restart_never_reissues_a_version_number(tmp_path: Path, weights: dict
         # v2's copy, kept before the restart and loaded by no one since, is gone
         copies = sorted(p.name for p in (tmp_path / "state" / "models" / "m").iterdir())
         assert copies == ["v3.onnx"]
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def kept_versions(d: Daemon) -> list[int]:
+    return next(m["kept"] for m in d.status()["models"] if m["name"] == "m")
+
+
+def test_kept_versions_survive_a_restart_for_rollback(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """A rollback is most wanted right after a bad publish crashed or restarted the daemon:
+    the kept version comes back too. After a clean stop it is rebuilt in the background
+    (serving starts without waiting for it); after a crash its intact segment is re-attached."""
+    x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
+    a_out = reference(weights["A"]).run(None, {"x": x})[0]
+    b_out = reference(weights["B"]).run(None, {"x": x})[0]
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+    finally:
+        assert d.stop() == 0
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2, extra=["--standby", "0"]).wait_ready()
+    assert current_version(d) == 2
+    wait_until(lambda: kept_versions(d) == [1], 60, "v1 loaded again")
+    assert "kept version m v1 loaded again" in d.log_text()
+    d.control("rollback", model="m")
+    for _ in range(6):  # both workers serve it
+        y, version = call(d, x)
+        assert version == 1 and y.tobytes() == a_out.tobytes()
+    d.signal(signal.SIGKILL)
+    d.wait_exit(10)
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert current_version(d) == 1 and kept_versions(d) == [2]  # no rebuild needed
+        assert "(kept) (digest verified)" in d.log_text()
+        d.control("rollback", model="m", to=2)
+        for _ in range(6):
+            y, version = call(d, x)
+            assert version == 2 and y.tobytes() == b_out.tobytes()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_publish_does_not_wait_for_a_kept_version_to_load_again(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """Restarted with a kept version to load again (slowed down here), a publish goes first:
+    the restore is abandoned, the publish flips, and the version kept is the one before it."""
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+    finally:
+        assert d.stop() == 0
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"],
+               env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
+    try:
+        wait_until(lambda: d.control("publish_status", model="m").get("kind") == "restore",
+                   30, "restore started")
+        with pytest.raises(errors.Busy, match="still loading after the restart"):
+            d.control("rollback", model="m")
+        done = publish(d, weights["A"])
+        assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr
+        assert "a publish came first" in d.log_text()
+        assert current_version(d) == 3 and kept_versions(d) == [2]
+        assert d.control("publish_status", model="m")["phase"] == "idle"
+        assert len([s for s in d.segments() if ".m.v" in s]) == 2
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_worker_retired_during_a_prepare_does_not_fail_the_publish(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """SIGTTOU while workers prepare: the worker the daemon stops is no veto."""
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2, extra=["--standby", "0"],
+               env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shmcache.cli", "publish", "m", str(weights["B"]),
+             "--socket", str(d.socket)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: d.control("publish_status", model="m")["phase"] == "preparing",
+                   60, "preparing")
+        d.signal(signal.SIGTTOU)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        wait_until(lambda: len(d.worker_pids()) == 1, 30, "one worker left")
+        x = np.ones((1, 64), np.float32)
+        y, version = call(d, x)
+        assert version == 2
+        assert y.tobytes() == reference(weights["B"]).run(None, {"x": x})[0].tobytes()
     finally:
         assert d.stop() == 0
     assert d.segments() == []
@@ -389,6 +485,40 @@ def test_killed_publisher_leaves_the_old_version_serving(
     wait_until(lambda: len([s for s in daemon.segments() if ".m.v" in s]) == 1, 30,
                "half-written segment gone")
     assert publish(daemon, weights["B"]).returncode == 0
+
+
+def dead_segment_mappings(pid: int) -> list[str]:
+    """/dev/shm files ``pid`` still maps after they were unlinked."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line for line in f if "/dev/shm/" in line and "(deleted)" in line]
+
+
+def test_a_version_abandoned_while_workers_prepare_it_is_not_kept(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """The publisher dies while the worker creates its session: the drop arrives before the
+    session is done, and the finished session must be freed, not installed (it would map the
+    unlinked segment, its pages never returned, for the worker's life)."""
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"],
+               env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shmcache.cli", "publish", "m", str(weights["B"]),
+             "--socket", str(d.socket)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: d.control("publish_status", model="m")["phase"] == "preparing",
+                   60, "preparing")
+        (worker,) = d.worker_pids()
+        wait_until(lambda: dead_segment_mappings(worker) == [], 1, "nothing unlinked mapped yet")
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: "publisher disconnected" in d.log_text(), 30, "publish abandoned")
+        time.sleep(4)  # the prepare's session is done by now
+        wait_until(lambda: dead_segment_mappings(worker) == [], 10, "abandoned session freed")
+        assert call(d, np.ones((1, 64), np.float32))[1] == 1
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
 
 
 def test_worker_killed_during_prepare_aborts_the_publish(
