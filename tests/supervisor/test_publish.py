@@ -57,6 +57,21 @@ def publish(d: Daemon, path: Path, *extra: str) -> subprocess.CompletedProcess[s
         env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def publish_in_background(d: Daemon, path: Path, *extra: str) -> subprocess.Popen[str]:
+    """``shmcache publish`` started, not waited for; its stdout and stderr are pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shmcache.cli", "publish", "m", str(path), "--socket",
+         str(d.socket), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def publish_while_preparing(d: Daemon, path: Path) -> subprocess.Popen[str]:
+    proc = publish_in_background(d, path)
+    wait_until(lambda: d.control("publish_status", model="m")["phase"] == "preparing",
+               60, "preparing")
+    return proc
+
+
 def current_version(d: Daemon) -> int:
     return next(m["version"] for m in d.status()["models"] if m["name"] == "m")
 
@@ -258,10 +273,7 @@ def test_weights_by_name_over_the_served_graph(daemon: Daemon, tmp_path: Path,
 
 
 def test_concurrent_publish_is_refused_clearly(daemon: Daemon, weights: dict[str, Path]) -> None:
-    first = subprocess.Popen(
-        [sys.executable, "-m", "shmcache.cli", "publish", "m", str(weights["B"]), "--socket",
-         str(daemon.socket)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    first = publish_in_background(daemon, weights["B"])
     wait_until(lambda: daemon.control("publish_status", model="m")["phase"] != "idle"
                or first.poll() is not None, 60, "first publish under way")
     second = publish(daemon, weights["A"])
@@ -446,12 +458,7 @@ def test_a_worker_retired_during_a_prepare_does_not_fail_the_publish(
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=2, extra=["--standby", "0"],
                env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shmcache.cli", "publish", "m", str(weights["B"]),
-             "--socket", str(d.socket)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: d.control("publish_status", model="m")["phase"] == "preparing",
-                   60, "preparing")
+        proc = publish_while_preparing(d, weights["B"])
         d.signal(signal.SIGTTOU)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -469,15 +476,11 @@ def test_killed_publisher_leaves_the_old_version_serving(
     daemon: Daemon, weights: dict[str, Path], tmp_path: Path
 ) -> None:
     big = models.save(models.mlp((64, 2048, 2048, 32), seed=9), tmp_path / "big.onnx")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shmcache.cli", "publish", "m", str(big), "--socket",
-         str(daemon.socket), "--allow-signature-change"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    proc = publish_in_background(daemon, big, "--allow-signature-change")
     wait_until(lambda: daemon.control("publish_status", model="m")["phase"] == "building",
                60, "publish building")
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # reaps it and closes its pipes
     wait_until(lambda: daemon.control("publish_status", model="m")["phase"] == "idle", 60,
                "publish abandoned")
     assert "publisher disconnected" in daemon.log_text()
@@ -502,16 +505,11 @@ def test_a_version_abandoned_while_workers_prepare_it_is_not_kept(
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"],
                env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shmcache.cli", "publish", "m", str(weights["B"]),
-             "--socket", str(d.socket)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: d.control("publish_status", model="m")["phase"] == "preparing",
-                   60, "preparing")
+        proc = publish_while_preparing(d, weights["B"])
         (worker,) = d.worker_pids()
         wait_until(lambda: dead_segment_mappings(worker) == [], 1, "nothing unlinked mapped yet")
         proc.kill()
-        proc.wait()
+        proc.communicate()
         wait_until(lambda: "publisher disconnected" in d.log_text(), 30, "publish abandoned")
         time.sleep(4)  # the prepare's session is done by now
         wait_until(lambda: dead_segment_mappings(worker) == [], 10, "abandoned session freed")
@@ -527,12 +525,7 @@ def test_worker_killed_during_prepare_aborts_the_publish(
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=2,
                env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shmcache.cli", "publish", "m", str(weights["B"]),
-             "--socket", str(d.socket)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: d.control("publish_status", model="m")["phase"] == "preparing",
-                   60, "preparing")
+        proc = publish_while_preparing(d, weights["B"])
         os.kill(d.worker_pids()[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1 and "died while preparing" in err
