@@ -54,6 +54,10 @@ class WeightsError(ModelError):
     """A weights file (.npz or safetensors) is corrupt or truncated, or does not fit the graph."""
 
 
+class FileChanged(ModelError):
+    """A recorded version's file no longer has the SHA-256 it had when that version loaded."""
+
+
 # --- protocol / serving ---------------------------------------------------------------------
 
 

@@ -79,16 +79,17 @@ SIGNALS = {
 }
 
 
-def read_back(owned: OwnedSegment) -> tuple[bool, bytes | None]:
-    """Whether a segment the builder just wrote loads pre-packed blobs, and its pre-pack key.
-    If it cannot be read back: blobs assumed (a spare too many is the safe mistake), key
-    unknown (the cache is then left as it is)."""
+def read_back(owned: OwnedSegment) -> tuple[bool, bytes | None, bytes | None]:
+    """Whether a segment the builder just wrote loads pre-packed blobs, its pre-pack key and
+    the digest of the file it was built from. If it cannot be read back: blobs assumed (a
+    spare too many is the safe mistake), key and digest unknown (the cache is then left as
+    it is, and the manifest records no digest)."""
     try:
         with Segment.attach(owned.name) as segment:
-            return segment.holds_blobs, segment.header.key
+            return segment.holds_blobs, segment.header.key, segment.header.source
     except errors.SegmentError as exc:
         log.warning("cannot read back %s: %s", owned.name, exc)
-        return True, None
+        return True, None, None
 
 
 class StartupError(errors.ShmcacheError):
@@ -174,6 +175,8 @@ class Arbiter:
         self.manifest = Manifest(config.state_dir)
         self.publishes: dict[str, PublishJob] = {}
         self.restores_tried: set[tuple[str, int]] = set()  # (model, version) restored or tried
+        self.restores_paused: set[str] = set()  # models whose restore waits for a publish
+        self.initial: dict[str, tuple[int, Path]] = {}  # model -> version and file to start with
         self.prepare_ids: dict[int, tuple[str, int]] = {}  # control id -> (model, worker pid)
         self.metrics = MetricsRegistry(memory_of=memory_of)
         self.http: HttpEndpoint | None = None
@@ -286,11 +289,31 @@ class Arbiter:
             raise StartupError(str(exc)) from exc
 
     def initial_version(self, state: ModelState) -> tuple[int, Path]:
-        """The last committed version survives restarts; else version 1 of the given file."""
+        """The last committed version survives restarts; else version 1 of the given file.
+
+        A committed version built from the configured model file, which has been replaced
+        since, is gone: the file's new contents serve under a new number (recorded at once),
+        never under the old one. Worked out once per start."""
+        if state.name not in self.initial:
+            self.initial[state.name] = self.committed_or_first(state)
+        return self.initial[state.name]
+
+    def committed_or_first(self, state: ModelState) -> tuple[int, Path]:
         committed = self.manifest.committed(state.name)
-        if committed is not None:
+        if committed is None:
+            return 1, state.path
+        version, file = committed
+        recorded = self.manifest.digest(state.name, version)
+        if recorded is None or file.is_relative_to(self.manifest.dir):
+            return committed  # our own copy: the builder checks it (a mismatch is corruption)
+        digest = bytes.fromhex(model_digest(file))
+        if digest == recorded:
             return committed
-        return 1, state.path
+        renumbered = self.manifest.highest(state.name) + 1
+        log.warning("model %r: %s changed since v%d was loaded from it; serving it as v%d",
+                    state.name, file, version, renumbered)
+        self.manifest.renumber(state.name, renumbered, digest)
+        return renumbered, file
 
     def adopt_intact_segments(self) -> None:
         """After a crash, re-attach the committed and kept versions' segments that are sealed
@@ -304,6 +327,8 @@ class Arbiter:
                         or item.version in state.versions:
                     continue
                 version, file = item.version, wanted[item.version]
+                expected = self.manifest.digest(state.name, version) \
+                    or bytes.fromhex(model_digest(file))
                 try:
                     with Segment.attach(item.name, verify=True) as segment:
                         blobs, key = segment.holds_blobs, segment.header.key
@@ -311,14 +336,14 @@ class Arbiter:
                 except errors.SegmentError as exc:
                     log.warning("not re-attaching %s: %s", item.name, exc)
                     continue
-                if source != bytes.fromhex(model_digest(file)):
+                if source != expected:
                     # Same model and version, other weights: the configured file changed
                     # since the crash (or the segment predates the record).
                     log.info("not re-attaching %s: built from another file than %s",
                              item.name, file)
                     continue
                 owned = registry.adopt(item.name)
-                state.versions[version] = Version(version, owned, file, blobs, key)
+                state.versions[version] = Version(version, owned, file, blobs, key, source)
                 if version == current:
                     state.current = version
                 log.info("re-attached intact segment %s for %s v%d%s (digest verified)",
@@ -326,10 +351,15 @@ class Arbiter:
 
     def kept_to_restore(self, state: ModelState) -> list[tuple[int, Path]]:
         """The kept versions the manifest records for ``state`` that a restart loads again,
-        newest first, as many as ``--keep`` allows."""
-        if self.manifest.committed(state.name) is None:
+        as many as ``--keep`` allows: those older than the committed one first, newest first
+        (where a plain ``rollback`` goes), then newer ones (left by a rollback)."""
+        committed = self.manifest.committed(state.name)
+        if committed is None:
             return []
-        return self.manifest.kept(state.name)[: self.cfg.keep]
+        current = committed[0]
+        kept = sorted(self.manifest.kept(state.name),
+                      key=lambda vf: (vf[0] > current, -vf[0] if vf[0] < current else vf[0]))
+        return kept[: self.cfg.keep]
 
     def start_metrics(self) -> None:
         if not self.cfg.metrics_address:
@@ -449,7 +479,14 @@ class Arbiter:
             version, path = self.initial_version(state)
             if path != state.path:
                 log.info("model %r: serving committed version %d from %s", state.name, version, path)
-            self.start_build(state.name, path, version)
+            self.start_build(state.name, path, version, self.expect_digest(state.name, version))
+
+    def expect_digest(self, model: str, version: int) -> list[str]:
+        """Builder flags for a restart's build of a recorded version: the file must still be
+        what it was when that version was loaded (a kept or committed copy bit-flipped, or the
+        configured file replaced, must not serve under the old number)."""
+        recorded = self.manifest.digest(model, version)
+        return [] if recorded is None else ["--expect-digest", recorded.hex()]
 
     def start_build(self, model: str, path: Path, version: int, extra: list[str] | None = None,
                     job: PublishJob | None = None) -> Build:
@@ -523,6 +560,11 @@ class Arbiter:
             why = result.get("message") or f"builder exited with status {build.proc.returncode}"
             if build.job is not None:
                 self.fail_publish(build.job, f"{result.get('error', 'error')}: {why}")
+            elif result.get("error") == "FileChanged" and \
+                    build.path.is_relative_to(self.manifest.dir):
+                self.fail_startup(f"model {build.model!r}: the committed copy {build.path} is "
+                                  f"damaged: {why}. Put the file back, or remove the model from "
+                                  f"{self.manifest.path} to serve the configured file")
             else:
                 self.fail_startup(f"model {build.model!r} ({build.path}): {why}")
             return
@@ -545,13 +587,14 @@ class Arbiter:
             owned.unlink()
             return
         state = self.models[build.model]
-        blobs, key = read_back(owned)
+        blobs, key, digest = read_back(owned)
         if build.job is not None:
             state.versions[build.version] = Version(build.version, owned, build.job.file, blobs,
-                                                    key)
+                                                    key, digest)
             self.start_prepare(build.job, owned.size)
             return
-        state.versions[build.version] = Version(build.version, owned, build.path, blobs, key)
+        state.versions[build.version] = Version(build.version, owned, build.path, blobs, key,
+                                                digest)
         state.current = build.version
         assert self.table is not None
         self.table.flip(state.slot, build.version)
@@ -677,7 +720,10 @@ class Arbiter:
             from worker.server import WorkerConfig, run_worker
 
             config = WorkerConfig(
-                models={m.name: m.segments() for m in self.models.values()},
+                # Not a version still loading: its publish or restore may yet drop it, and
+                # asks this worker to prepare it once it is ready.
+                models={m.name: m.segments(but=self.job_version(m.name))
+                        for m in self.models.values()},
                 version_table=self.table.name if self.table else None,
                 slots={m.name: m.slot for m in self.models.values()},
                 settings=SessionSettings(
@@ -1011,12 +1057,12 @@ class Arbiter:
         raw = request.raw
         model, path = str(raw.get("model") or ""), Path(str(raw.get("path") or ""))
         state = self.models.get(model)
-        if state is None or not state.current:
-            raise errors.UnknownModel(f"no model {model!r}; serving: {', '.join(self.models)}")
         if self.phase != "running":
             raise errors.NotReady(f"cannot publish while {self.phase}")
+        if state is None or not state.current:
+            raise errors.UnknownModel(f"no model {model!r}; serving: {', '.join(self.models)}")
         if model in self.publishes and self.publishes[model].restore:
-            self.abandon_restores(state, "a publish came first")
+            self.pause_restores(state)
         if model in self.publishes:
             job = self.publishes[model]
             raise errors.Busy(f"a publish of {model!r} (v{job.version}) is already {job.phase}; "
@@ -1037,7 +1083,8 @@ class Arbiter:
     def start_restore(self, state: ModelState) -> None:
         """After a restart, load the next kept version the manifest records again, as a
         restore (supervisor.publish): one at a time per model, each tried once."""
-        if self.phase != "running" or state.name in self.publishes:
+        if self.phase != "running" or state.name in self.publishes \
+                or state.name in self.restores_paused:
             return
         for version, file in self.kept_to_restore(state):
             if version in state.versions or (state.name, version) in self.restores_tried:
@@ -1048,16 +1095,22 @@ class Arbiter:
                              None, 0, deadline=time.monotonic() + self.cfg.boot_timeout)
             self.publishes[state.name] = job
             log.info("loading kept version %s v%d again for rollback", state.name, version)
-            self.start_build(state.name, file, version, job=job)
+            self.start_build(state.name, file, version, self.expect_digest(state.name, version),
+                             job=job)
             return
 
-    def abandon_restores(self, state: ModelState, why: str) -> None:
-        """A publish does not wait for kept versions to load again: the versions it keeps
-        are counted from the new one, so ``--keep 1`` would drop the restored one anyway."""
-        self.restores_tried.update((state.name, v) for v, _ in self.kept_to_restore(state))
-        job = self.publishes.get(state.name)
-        if job is not None and job.restore:
-            self.fail_publish(job, why)
+    def pause_restores(self, state: ModelState) -> None:
+        """A publish does not wait for a kept version to load again: the restore stops, and
+        resumes if the publish fails. If it commits, the manifest's kept versions are counted
+        from the new one, and what it no longer names is not restored."""
+        job = self.publishes[state.name]
+        self.restores_paused.add(state.name)
+        self.restores_tried.discard((state.name, job.version))
+        self.fail_publish(job, "a publish came first (resumed if it fails)")
+
+    def resume_restores(self, state: ModelState) -> None:
+        self.restores_paused.discard(state.name)
+        self.start_restore(state)
 
     def start_prepare(self, job: PublishJob, size: int) -> None:
         """Ask every active worker to prepare. Standbys do not take part: a third session
@@ -1134,6 +1187,7 @@ class Arbiter:
         self.drop_surplus_versions(state)
         self.prune_cache()
         self.catch_up_standbys(job)
+        self.resume_restores(state)
 
     def finish_restore(self, job: PublishJob, state: ModelState) -> None:
         job.phase = "committed"
@@ -1207,6 +1261,7 @@ class Arbiter:
         job.peer.send(protocol.error_reply(job.request_id, errors.PublishFailed(
             f"{job.model} v{job.version} was not published (v{self.models[job.model].current} "
             f"still serves): {why}")))
+        self.resume_restores(self.models[job.model])
 
     def expire_publishes(self) -> None:
         now = time.monotonic()

@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 
 import onnx  # noqa: E402
 
-from shmcache.errors import SegmentError, ShmcacheError  # noqa: E402
+from shmcache.errors import FileChanged, SegmentError, ShmcacheError  # noqa: E402
 from shmcache.model import (build_model_segment, load_model, model_digest,  # noqa: E402
                             scan_model_file)
 from shmcache.segment import OwnedSegment, Segment  # noqa: E402
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gid", type=int, default=None)
     p.add_argument("--served-segment", default=None, help="publish: the current version")
     p.add_argument("--allow-signature-change", action="store_true")
+    p.add_argument("--expect-digest", default=None,
+                   help="restart: the SHA-256 (hex) the file had when this version was loaded")
     p.add_argument("--persist-to", type=Path, default=None,
                    help="publish: write the complete new weights here (atomically)")
     p.add_argument("--served-file", type=Path, default=None,
@@ -124,6 +126,11 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         digest = persist(model, args.model_path, args.persist_to)
         source = args.persist_to
     digest = digest or model_digest(source)  # recorded: a restart adopts only a match
+    if args.expect_digest is not None and digest != args.expect_digest:
+        raise FileChanged(
+            f"{source} changed since {args.model_name} v{args.version} was loaded from it "
+            f"(SHA-256 {digest[:16]}..., recorded {args.expect_digest[:16]}...): those "
+            "weights are gone")
     result: dict[str, object] = {"ok": True, "version": args.version}
     owned = None
     if args.prepack_cache is not None:

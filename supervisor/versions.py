@@ -10,7 +10,14 @@ Manifest (``<state_dir>/manifest.json``, replaced atomically: write, fsync, rena
 
     {"layout": 1,
      "models": {"<model>": {"version": 7, "file": "models/<model>/v7.onnx",
-                            "kept": {"6": "models/<model>/v6.onnx"}}}}
+                            "kept": {"6": "models/<model>/v6.onnx"},
+                            "issued": 7,
+                            "digests": {"7": "<sha256 hex>", "6": "<sha256 hex>"}}}}
+
+``digests`` are the SHA-256 of each version's file when it was loaded (the segment header's
+``source``): a file that no longer matches never serves under that version's number. A
+version's file is a copy under the state directory, except for a version built from the
+configured model file, which the operator may replace.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ class Version:
     file: Path  # the weights this version was built from (persisted copy once published)
     blobs: bool = False  # its graph loads pre-packed blobs: slow to create a session over
     key: bytes | None = None  # its pre-pack's cache key (segment header); None: unknown
+    digest: bytes | None = None  # SHA-256 of the file it was built from; None: unknown
 
 
 @dataclass
@@ -56,9 +64,10 @@ class ModelState:
     def next_version(self, floor: int = 0) -> int:
         return max([floor, self.current, self.attempted, *self.versions]) + 1
 
-    def segments(self) -> list[str]:
-        """Every loaded version's segment, oldest first (what a new worker maps)."""
-        return [self.versions[v].segment.name for v in sorted(self.versions)]
+    def segments(self, but: int | None = None) -> list[str]:
+        """Every loaded version's segment but version ``but``, oldest first (what a new
+        worker maps)."""
+        return [self.versions[v].segment.name for v in sorted(self.versions) if v != but]
 
     def surplus(self, keep: int) -> list[int]:
         """Versions that are neither current nor among the ``keep`` newest others."""
@@ -110,6 +119,24 @@ class Manifest:
                  if isinstance(k, str) and k.isdigit()]
         return sorted(((v, f) for v, f in found if f.is_file()), reverse=True)
 
+    def digest(self, model: str, version: int) -> bytes | None:
+        """The recorded SHA-256 of ``version``'s file; None if the manifest has none."""
+        entry = self.data["models"].get(model)
+        digests = entry.get("digests") if isinstance(entry, dict) else None
+        value = digests.get(str(version)) if isinstance(digests, dict) else None
+        try:
+            return bytes.fromhex(value) if isinstance(value, str) else None
+        except ValueError:
+            return None
+
+    def renumber(self, model: str, version: int, digest: bytes) -> None:
+        """The committed version's file changed (the configured model file was replaced):
+        its contents serve as ``version``, a new number, recorded at once."""
+        entry = self.data["models"][model]
+        entry["version"] = entry["issued"] = version
+        entry.setdefault("digests", {})[str(version)] = digest.hex()
+        self.write()
+
     def highest(self, model: str) -> int:
         """The highest version number recorded for ``model``: committed, kept, or issued to a
         publish. A restarted daemon loads only the committed version, and numbers its next
@@ -140,6 +167,8 @@ class Manifest:
             "file": rel(state.versions[state.current].file),
             "kept": {str(v): rel(state.versions[v].file) for v in state.versions if v != state.current},
             "issued": max([state.attempted, self.highest(state.name), *state.versions]),
+            "digests": {str(v): version.digest.hex() for v, version in state.versions.items()
+                        if version.digest is not None},
         }
         self.write()
         self.prune(state.name)

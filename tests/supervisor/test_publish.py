@@ -451,6 +451,95 @@ def test_a_publish_does_not_wait_for_a_kept_version_to_load_again(
     assert d.segments() == []
 
 
+def test_a_changed_file_never_serves_under_an_old_version_number(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """A version's weights are those it was loaded with, or none: the configured model file
+    replaced after v1 was rolled back to serves as a new number; a kept copy that no longer
+    matches its recorded digest is not restored; a damaged committed copy stops the start."""
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    served = tmp_path / "served.onnx"
+    served.write_bytes(weights["A"].read_bytes())
+    b_out = reference(weights["B"]).run(None, {"x": x})[0]
+    flags = ["--standby", "0"]
+    d = Daemon(tmp_path, {"m": served}, workers=1, extra=flags).wait_ready()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+        d.control("rollback", model="m")  # v1 (the configured file) committed, v2 kept
+    finally:
+        assert d.stop() == 0
+    c = models.save(models.mlp(SIZES, seed=3), tmp_path / "c.onnx")
+    served.write_bytes(c.read_bytes())  # a deploy replaces the configured file
+    d = Daemon(tmp_path, {"m": served}, workers=1, extra=flags).wait_ready()
+    try:
+        y, version = call(d, x)
+        assert version == 3 and y.tobytes() == reference(c).run(None, {"x": x})[0].tobytes()
+        assert "changed since v1 was loaded from it; serving it as v3" in d.log_text()
+        wait_until(lambda: kept_versions(d) == [2], 60, "v2 loaded again")
+        d.control("rollback", model="m")
+        y, version = call(d, x)
+        assert version == 2 and y.tobytes() == b_out.tobytes()
+        d.control("rollback", model="m", to=3)
+    finally:
+        assert d.stop() == 0
+    copy = tmp_path / "state" / "models" / "m" / "v2.onnx"
+    damaged = bytearray(copy.read_bytes())
+    damaged[-100] ^= 0x01  # one bit of one weight
+    copy.write_bytes(bytes(damaged))
+    d = Daemon(tmp_path, {"m": served}, workers=1, extra=flags).wait_ready()
+    try:
+        assert current_version(d) == 3  # the same contents keep their number
+        wait_until(lambda: "could not be loaded again" in d.log_text(), 60, "v2 refused")
+        assert "changed since m v2 was loaded" in d.log_text() and kept_versions(d) == []
+        with pytest.raises(errors.NotFound):
+            d.control("rollback", model="m", to=2)
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_damaged_committed_copy_stops_the_start_with_the_fix(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+    finally:
+        assert d.stop() == 0
+    copy = tmp_path / "state" / "models" / "m" / "v2.onnx"
+    damaged = bytearray(copy.read_bytes())
+    damaged[-100] ^= 0x01
+    copy.write_bytes(bytes(damaged))
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"])
+    assert d.wait_exit(60) == 1
+    assert "the committed copy" in d.log_text() and "is damaged" in d.log_text()
+    assert "manifest.json to serve the configured file" in d.log_text()
+    assert d.segments() == []
+
+
+def test_a_failed_publish_lets_the_restore_resume(tmp_path: Path, weights: dict[str, Path]) -> None:
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+    finally:
+        assert d.stop() == 0
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"],
+               env={"SHMCACHE_FAULT_PREPARE_DELAY": "2"}).wait_ready()
+    try:
+        wait_until(lambda: d.control("publish_status", model="m").get("kind") == "restore",
+                   30, "restore started")
+        assert publish(d, weights["bad_sig"]).returncode != 0
+        wait_until(lambda: kept_versions(d) == [1], 60, "restore resumed and done")
+        d.control("rollback", model="m")
+        x = np.ones((1, 64), np.float32)
+        y, version = call(d, x)
+        assert version == 1
+        assert y.tobytes() == reference(weights["A"]).run(None, {"x": x})[0].tobytes()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def test_a_worker_retired_during_a_prepare_does_not_fail_the_publish(
     tmp_path: Path, weights: dict[str, Path]
 ) -> None:
