@@ -1061,14 +1061,14 @@ class Arbiter:
             raise errors.NotReady(f"cannot publish while {self.phase}")
         if state is None or not state.current:
             raise errors.UnknownModel(f"no model {model!r}; serving: {', '.join(self.models)}")
-        if model in self.publishes and self.publishes[model].restore:
-            self.pause_restores(state)
-        if model in self.publishes:
-            job = self.publishes[model]
-            raise errors.Busy(f"a publish of {model!r} (v{job.version}) is already {job.phase}; "
-                              "wait for it to finish")
+        running = self.publishes.get(model)
+        if running is not None and not running.restore:
+            raise errors.Busy(f"a publish of {model!r} (v{running.version}) is already "
+                              f"{running.phase}; wait for it to finish")
         if not path.is_file():
             raise errors.PublishFailed(f"{path}: no such file (the path is read by the daemon)")
+        if running is not None:
+            self.pause_restores(state)
         version = state.attempted = state.next_version(self.manifest.highest(model))
         job = PublishJob(model, version, path, registry.segment_name(self.instance, model, version),
                          self.manifest.version_file(model, version), peer, request.id,
