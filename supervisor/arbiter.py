@@ -819,7 +819,7 @@ class Arbiter:
                     continue
                 if job.restore or w.state == "stopping":
                     # Not a veto: we stopped it (SIGTTOU, a reload, a stale worker), or a
-                    # restore, whose segment the replacement maps at boot. Fewer to wait for.
+                    # restore, which asks the replacement once it is ready. One fewer to wait for.
                     del job.waiting[pid]
                     self.maybe_commit(job)
                 else:
