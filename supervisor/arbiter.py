@@ -299,21 +299,31 @@ class Arbiter:
         return self.initial[state.name]
 
     def committed_or_first(self, state: ModelState) -> tuple[int, Path]:
-        committed = self.manifest.committed(state.name)
-        if committed is None:
-            return 1, state.path
-        version, file = committed
-        recorded = self.manifest.digest(state.name, version)
-        if recorded is None or file.is_relative_to(self.manifest.dir):
-            return committed  # our own copy: the builder checks it (a mismatch is corruption)
-        digest = bytes.fromhex(model_digest(file))
-        if digest == recorded:
-            return committed
+        recorded = self.manifest.recorded(state.name)
+        if recorded is not None and self.manifest.is_own_copy(recorded[1]):
+            if not recorded[1].is_file():
+                raise StartupError(
+                    f"model {state.name!r}: {recorded[1]}, the copy of committed "
+                    f"v{recorded[0]}, is missing. {self.reset_advice(state)}")
+            return recorded  # the builder checks its digest (a mismatch is damage)
+        # The configured file (as configured now: its path may have changed too): it keeps
+        # its number only while it holds what that number served.
+        version = recorded[0] if recorded is not None else 1
+        expected = self.manifest.digest(state.name, version)
+        if expected is None:
+            return version, state.path  # nothing recorded to compare (older manifests)
+        digest = bytes.fromhex(model_digest(state.path))
+        if digest == expected:
+            return version, state.path
         renumbered = self.manifest.highest(state.name) + 1
-        log.warning("model %r: %s changed since v%d was loaded from it; serving it as v%d",
-                    state.name, file, version, renumbered)
-        self.manifest.renumber(state.name, renumbered, digest)
-        return renumbered, file
+        log.warning("model %r: %s is not what v%d served (replaced, or another path "
+                    "configured); serving it as v%d", state.name, state.path, version, renumbered)
+        self.manifest.renumber(state.name, renumbered, state.path, digest)
+        return renumbered, state.path
+
+    def reset_advice(self, state: ModelState) -> str:
+        return (f"Put the file back, or delete \"version\" and \"file\" (not \"issued\") from "
+                f"{state.name!r} in {self.manifest.path} to serve {state.path}")
 
     def adopt_intact_segments(self) -> None:
         """After a crash, re-attach the committed and kept versions' segments that are sealed
@@ -357,8 +367,10 @@ class Arbiter:
         if committed is None:
             return []
         current = committed[0]
-        kept = sorted(self.manifest.kept(state.name),
-                      key=lambda vf: (vf[0] > current, -vf[0] if vf[0] < current else vf[0]))
+        # A configured file kept with no digest to check it by may hold anything by now.
+        kept = [(v, f) for v, f in self.manifest.kept(state.name)
+                if self.manifest.is_own_copy(f) or self.manifest.digest(state.name, v)]
+        kept.sort(key=lambda vf: (vf[0] > current, -vf[0] if vf[0] < current else vf[0]))
         return kept[: self.cfg.keep]
 
     def start_metrics(self) -> None:
@@ -527,6 +539,7 @@ class Arbiter:
                 log.info("all %d model(s) in shared memory; starting %d worker(s)",
                          len(self.models), self.target)
                 for state in self.models.values():
+                    self.manifest.record_serving(state)
                     self.start_restore(state)
 
     def read_build(self, build: Build) -> None:
@@ -560,11 +573,10 @@ class Arbiter:
             why = result.get("message") or f"builder exited with status {build.proc.returncode}"
             if build.job is not None:
                 self.fail_publish(build.job, f"{result.get('error', 'error')}: {why}")
-            elif result.get("error") == "FileChanged" and \
-                    build.path.is_relative_to(self.manifest.dir):
+            elif result.get("error") == "FileChanged" and self.manifest.is_own_copy(build.path):
                 self.fail_startup(f"model {build.model!r}: the committed copy {build.path} is "
-                                  f"damaged: {why}. Put the file back, or remove the model from "
-                                  f"{self.manifest.path} to serve the configured file")
+                                  f"damaged: {why}. "
+                                  f"{self.reset_advice(self.models[build.model])}")
             else:
                 self.fail_startup(f"model {build.model!r} ({build.path}): {why}")
             return

@@ -32,6 +32,18 @@ from shmcache.segment import OwnedSegment
 
 MANIFEST = "manifest.json"
 LAYOUT = 1
+DIGEST_BYTES = 32  # SHA-256
+MAX_VERSION = 2**31 - 1  # a number the wire, the version table and the segment names carry
+
+
+def version_number(value: object) -> int | None:
+    """A version number read from the manifest (an int, or a digit string as a key), or
+    None if it is not one: a hand-edited file must not crash the daemon or reach the wire."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        return None
+    return value
 
 
 @dataclass
@@ -98,74 +110,101 @@ class Manifest:
             self.data = data
         return self
 
+    def entry(self, model: str) -> dict[str, Any]:
+        """``model``'s entry, or an empty one if it has none (or a malformed one)."""
+        entry = self.data["models"].get(model)
+        return entry if isinstance(entry, dict) else {}
+
+    def recorded(self, model: str) -> tuple[int, Path] | None:
+        """The last committed (version, file) of ``model`` as recorded, file present or not."""
+        entry = self.entry(model)
+        version, file = version_number(entry.get("version")), entry.get("file")
+        if version is None or not isinstance(file, str) or not file:
+            return None
+        return version, self.dir / file
+
     def committed(self, model: str) -> tuple[int, Path] | None:
         """The last committed (version, file) of ``model``, if its file still exists."""
-        entry = self.data["models"].get(model)
-        if not isinstance(entry, dict):
-            return None
-        file = self.dir / str(entry.get("file", ""))
-        if not isinstance(entry.get("version"), int) or not file.is_file():
-            return None
-        return entry["version"], file
+        recorded = self.recorded(model)
+        return recorded if recorded is not None and recorded[1].is_file() else None
+
+    def is_own_copy(self, file: Path) -> bool:
+        """Whether ``file`` is a weight copy this daemon wrote (not a file the operator
+        configured, which may be replaced at will)."""
+        return file.is_relative_to(self.dir / "models")
 
     def kept(self, model: str) -> list[tuple[int, Path]]:
         """``model``'s kept (version, file) pairs whose file still exists, newest first: what
         a restarted daemon loads again so that a rollback still finds them."""
-        entry = self.data["models"].get(model)
-        kept = entry.get("kept") if isinstance(entry, dict) else None
+        kept = self.entry(model).get("kept")
         if not isinstance(kept, dict):
             return []
-        found = [(int(k), self.dir / str(f)) for k, f in kept.items()
-                 if isinstance(k, str) and k.isdigit()]
-        return sorted(((v, f) for v, f in found if f.is_file()), reverse=True)
+        found = [(version_number(k), self.dir / f) for k, f in kept.items()
+                 if isinstance(f, str) and f]
+        return sorted(((v, f) for v, f in found if v is not None and f.is_file()), reverse=True)
 
     def digest(self, model: str, version: int) -> bytes | None:
         """The recorded SHA-256 of ``version``'s file; None if the manifest has none."""
-        entry = self.data["models"].get(model)
-        digests = entry.get("digests") if isinstance(entry, dict) else None
+        digests = self.entry(model).get("digests")
         value = digests.get(str(version)) if isinstance(digests, dict) else None
         try:
-            return bytes.fromhex(value) if isinstance(value, str) else None
+            digest = bytes.fromhex(value) if isinstance(value, str) else None
         except ValueError:
             return None
+        return digest if digest is not None and len(digest) == DIGEST_BYTES else None
 
-    def renumber(self, model: str, version: int, digest: bytes) -> None:
-        """The committed version's file changed (the configured model file was replaced):
-        its contents serve as ``version``, a new number, recorded at once."""
-        entry = self.data["models"][model]
-        entry["version"] = entry["issued"] = version
-        entry.setdefault("digests", {})[str(version)] = digest.hex()
+    def renumber(self, model: str, version: int, file: Path, digest: bytes) -> None:
+        """The committed version's file was the configured model file, which has been
+        replaced or reconfigured: its contents serve as ``version``, a new number, recorded
+        at once (the kept versions stay as they are)."""
+        entry = self.data["models"].setdefault(model, {})
+        if not isinstance(entry, dict):
+            entry = self.data["models"][model] = {}
+        entry.update(version=version, file=self.relative(file),
+                     issued=max(version, self.highest(model)))
+        digests = entry.get("digests")
+        entry["digests"] = {**(digests if isinstance(digests, dict) else {}),
+                            str(version): digest.hex()}
         self.write()
+
+    def record_serving(self, state: ModelState) -> None:
+        """At start: record the version served and its digest, so a replaced configured
+        file never serves under its number, even before the first publish."""
+        version = state.versions[state.current]
+        if version.digest is None:
+            return
+        entry = self.entry(state.name)
+        if version_number(entry.get("version")) == state.current and \
+                self.digest(state.name, state.current) == version.digest:
+            return  # already recorded: no write
+        self.renumber(state.name, state.current, version.file, version.digest)
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.dir))
+        except ValueError:
+            return str(path)
 
     def highest(self, model: str) -> int:
         """The highest version number recorded for ``model``: committed, kept, or issued to a
         publish. A restarted daemon loads only the committed version, and numbers its next
         publish above all of these, so one number never names two different weights."""
-        entry = self.data["models"].get(model)
-        if not isinstance(entry, dict):
-            return 0
+        entry = self.entry(model)
         kept = entry.get("kept")
-        if not isinstance(kept, dict):
-            kept = {}
         numbers = [entry.get("version"), entry.get("issued"),
-                   *(int(k) for k in kept if isinstance(k, str) and k.isdigit())]
-        return max((n for n in numbers if isinstance(n, int)), default=0)
+                   *(kept if isinstance(kept, dict) else {})]
+        return max((n for n in map(version_number, numbers) if n is not None), default=0)
 
     def version_file(self, model: str, version: int) -> Path:
         return self.dir / "models" / model / f"v{version}.onnx"
 
     def commit(self, state: ModelState) -> None:
         """Record ``state``'s current and kept versions, durably, before the flip is visible."""
-        def rel(path: Path) -> str:
-            try:
-                return str(path.relative_to(self.dir))
-            except ValueError:
-                return str(path)
-
         self.data["models"][state.name] = {
             "version": state.current,
-            "file": rel(state.versions[state.current].file),
-            "kept": {str(v): rel(state.versions[v].file) for v in state.versions if v != state.current},
+            "file": self.relative(state.versions[state.current].file),
+            "kept": {str(v): self.relative(state.versions[v].file) for v in state.versions
+                     if v != state.current},
             "issued": max([state.attempted, self.highest(state.name), *state.versions]),
             "digests": {str(v): version.digest.hex() for v, version in state.versions.items()
                         if version.digest is not None},
@@ -197,9 +236,11 @@ class Manifest:
             os.close(fd)
 
     def referenced_files(self) -> set[Path]:
-        files = set()
+        files: set[Path] = set()
         for entry in self.data["models"].values():
-            if isinstance(entry, dict):
-                files.add(self.dir / str(entry.get("file", "")))
-                files.update(self.dir / str(f) for f in (entry.get("kept") or {}).values())
+            if not isinstance(entry, dict):
+                continue
+            kept = entry.get("kept")
+            names = [entry.get("file"), *(kept.values() if isinstance(kept, dict) else ())]
+            files.update(self.dir / name for name in names if isinstance(name, str) and name)
         return files

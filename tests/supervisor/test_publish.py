@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -339,19 +340,83 @@ def test_after_a_crash_a_changed_model_file_is_built_not_the_old_segment(
     tmp_path: Path, weights: dict[str, Path]
 ) -> None:
     """v1 of A's segment survives a crash intact; the daemon restarted on B (never published)
-    must serve B: the segment records the digest of the file it was built from."""
+    must serve B, under a number of its own: v1 named A's weights."""
     x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
     d.signal(signal.SIGKILL)
     d.wait_exit(10)
     d = Daemon(tmp_path, {"m": weights["B"]}, workers=1, extra=["--standby", "0"]).wait_ready()
     try:
-        assert "built from another file" in d.log_text()
+        assert "is not what v1 served" in d.log_text()
         y, version = call(d, x)
-        assert version == 1
+        assert version == 2
         assert y.tobytes() == reference(weights["B"]).run(None, {"x": x})[0].tobytes()
     finally:
         assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_configured_file_replaced_before_any_publish_gets_a_new_number(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    x = np.ones((1, 64), np.float32)
+    served = tmp_path / "served.onnx"
+    for content, expected in ((weights["A"], 1), (weights["B"], 2), (weights["A"], 3),
+                              (weights["A"], 3)):
+        served.write_bytes(content.read_bytes())
+        d = Daemon(tmp_path, {"m": served}, workers=1, extra=["--standby", "0"]).wait_ready()
+        try:
+            y, version = call(d, x)
+            assert version == expected
+            assert y.tobytes() == reference(content).run(None, {"x": x})[0].tobytes()
+        finally:
+            assert d.stop() == 0
+
+
+def test_a_missing_committed_copy_stops_the_start_and_the_fix_keeps_numbers_unique(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+    finally:
+        assert d.stop() == 0
+    (tmp_path / "state" / "models" / "m" / "v2.onnx").unlink()
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"])
+    assert d.wait_exit(60) == 1 and "the copy of committed v2, is missing" in d.log_text()
+    manifest = tmp_path / "state" / "manifest.json"  # the fix the message gives
+    data = json.loads(manifest.read_text())
+    del data["models"]["m"]["version"], data["models"]["m"]["file"]
+    manifest.write_text(json.dumps(data))
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert current_version(d) == 1  # the configured file, still what v1 served
+        done = publish(d, weights["B"])
+        assert done.returncode == 0 and done.stdout.strip() == "3"
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_hand_edited_manifest_does_not_crash_the_daemon(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "manifest.json").write_text(json.dumps({"layout": 1, "models": {
+        "m": {"kept": {"99999999999999999999": "models/m/v9.onnx", "x": 3},
+              "digests": {"1": "abcd", "2": ["no"]}, "issued": "7"},
+        "other": {"kept": ["a"], "file": 5}}}))
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert current_version(d) == 1
+        done = publish(d, weights["B"])
+        assert done.returncode == 0 and done.stdout.strip() == "8", done.stderr
+        d.control("rollback", model="m")
+        assert current_version(d) == 1
+    finally:
+        assert d.stop() == 0
+    assert "Traceback" not in d.log_text()
     assert d.segments() == []
 
 
@@ -474,7 +539,8 @@ def test_a_changed_file_never_serves_under_an_old_version_number(
     try:
         y, version = call(d, x)
         assert version == 3 and y.tobytes() == reference(c).run(None, {"x": x})[0].tobytes()
-        assert "changed since v1 was loaded from it; serving it as v3" in d.log_text()
+        assert "is not what v1 served (replaced, or another path configured); serving it " \
+            "as v3" in d.log_text()
         wait_until(lambda: kept_versions(d) == [2], 60, "v2 loaded again")
         d.control("rollback", model="m")
         y, version = call(d, x)
@@ -513,7 +579,7 @@ def test_a_damaged_committed_copy_stops_the_start_with_the_fix(
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"])
     assert d.wait_exit(60) == 1
     assert "the committed copy" in d.log_text() and "is damaged" in d.log_text()
-    assert "manifest.json to serve the configured file" in d.log_text()
+    assert 'delete "version" and "file" (not "issued")' in d.log_text()
     assert d.segments() == []
 
 
