@@ -212,9 +212,23 @@ def format_status(status: dict[str, Any]) -> str:
         ["pid", "state", "uptime", "served", "versions", "shared MiB", "private (USS) MiB",
          "PSS MiB"])
     models = format_table(
-        [(m["name"], m["version"], m["segment"], mib(m["size"])) for m in status["models"]],
-        ["model", "version", "segment", "size MiB"])
+        [(m["name"], m["version"], versions_text(m.get("kept")), loading_text(m),
+          m["segment"], mib(m["size"])) for m in status["models"]],
+        ["model", "version", "kept (rollback)", "loading", "segment", "size MiB"])
     return f"{head}\n\n{workers}\n\n{models}"
+
+
+def versions_text(versions: object) -> str:
+    return " ".join(f"v{v}" for v in versions) if isinstance(versions, list) and versions else "-"
+
+
+def loading_text(model: dict[str, Any]) -> str:
+    """A publish preparing, or a kept version loading again after a restart."""
+    if model.get("publishing") is not None:
+        return f"v{model['publishing']} (publish)"
+    if model.get("restoring") is not None:
+        return f"v{model['restoring']} (kept, after restart)"
+    return "-"
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -23,9 +23,10 @@ import re
 import secrets
 from dataclasses import dataclass
 
+import posix_ipc
 import psutil
 
-from shmcache.errors import ShmcacheError
+from shmcache.errors import SegmentNotFound, ShmcacheError
 from shmcache.segment import HEADER, HEADER_SIZE, MAGIC, SHM_DIR, STATE_SEALED, OwnedSegment
 
 PREFIX = "shmcache."
@@ -143,13 +144,24 @@ def sweep_orphans(instance: str | None = None, *, dry_run: bool = False) -> list
     """Remove the objects whose creator is dead; return what was (or would be) removed."""
     orphans = [f for f in list_objects(instance) if f.orphan]
     if not dry_run:
-        orphans = [f for f in orphans if remove(f.name)]
+        orphans = [f for f in orphans if still_orphaned(f.name) and remove(f.name)]
     return orphans
 
 
+def still_orphaned(name: str) -> bool:
+    """Read the creator again right before unlinking: a restarted daemon may have adopted
+    the object since it was listed (``adopt`` rewrites the creator)."""
+    found = describe(name)
+    return found is not None and found.orphan
+
+
 def adopt(name: str) -> OwnedSegment:
-    """Take ownership of a dead creator's sealed segment (a restarted daemon re-attaching)."""
-    size = os.stat(os.path.join(SHM_DIR, name)).st_size
-    owned = OwnedSegment(name, size)
-    owned.take_over()
+    """Take ownership of a dead creator's sealed segment (a restarted daemon re-attaching).
+    SegmentNotFound if it is gone (``shmcache cleanup`` may sweep it meanwhile)."""
+    try:
+        size = os.stat(os.path.join(SHM_DIR, name)).st_size
+        owned = OwnedSegment(name, size)
+        owned.take_over()
+    except (FileNotFoundError, posix_ipc.ExistentialError) as exc:
+        raise SegmentNotFound(f"segment {name!r} vanished before it could be adopted") from exc
     return owned

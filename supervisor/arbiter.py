@@ -352,7 +352,11 @@ class Arbiter:
                     log.info("not re-attaching %s: built from another file than %s",
                              item.name, file)
                     continue
-                owned = registry.adopt(item.name)
+                try:
+                    owned = registry.adopt(item.name)
+                except errors.SegmentError as exc:  # swept meanwhile: built again instead
+                    log.warning("not re-attaching %s: %s", item.name, exc)
+                    continue
                 state.versions[version] = Version(version, owned, file, blobs, key, source)
                 if version == current:
                     state.current = version
@@ -1186,6 +1190,7 @@ class Arbiter:
         state.current = job.version
         self.manifest.commit(state)  # durable first: a crash after the flip must not lose it
         self.flip(state, job.version)
+        self.announce_live(job)
         flipped = time.monotonic()
         job.phase = "committed"
         del self.publishes[job.model]
@@ -1201,9 +1206,15 @@ class Arbiter:
         self.catch_up_standbys(job)
         self.resume_restores(state)
 
+    def announce_live(self, job: PublishJob) -> None:
+        """Requests pinned to the version are served from now on (worker.server)."""
+        for w in self.workers.values():
+            w.peer.send({"op": "live", "model": job.model, "version": job.version})
+
     def finish_restore(self, job: PublishJob, state: ModelState) -> None:
         job.phase = "committed"
         del self.publishes[job.model]
+        self.announce_live(job)
         log.info("kept version %s v%d loaded again in %.2fs; rollback can flip to it",
                  job.model, job.version, time.monotonic() - job.started)
         self.catch_up_standbys(job)

@@ -21,6 +21,9 @@ Control channel (same framing as the client protocol, ``shmcache.protocol``)::
                                background: a standby catching up after a flip; the work
                                runs in a thread of lower priority (see prepare())
                            {"op": "drop", "model", "version"}   forget a version
+                           {"op": "live", "model", "version"}   a version went live (its
+                               publish flipped, or a kept one was loaded again): requests
+                               pinned to it are served from now on
 
 A *standby* worker boots, maps and warms every model like any other, then waits without
 accepting: when an active worker dies the supervisor activates it, so the replacement is ready
@@ -28,7 +31,10 @@ in the time a message takes (its pages are the shared segment's, so a spare cost
 private memory).
 
 Which version serves a request is read from the shared version table (``shmcache.state``) at
-dispatch, so a flip reaches every worker at the same instant.
+dispatch, so a flip reaches every worker at the same instant. A request pinned to a version
+is served only once that version is live: loaded at boot, current, or announced by ``live``.
+A version still being prepared is not, however many workers have it warm: its publish may yet
+fail, and a version that fails never goes live.
 
 Shutdown (SIGTERM): stop accepting; stop reading from each connection; answer every request
 already read; close each connection once it has nothing in flight; exit when all are closed or
@@ -112,6 +118,7 @@ class Worker:
         # (model, version) of prepares running, and of those dropped meanwhile (an abandoned
         # publish): a session finished after its drop must not stay, mapping a dead segment.
         self.preparing: set[tuple[str, int]] = set()
+        self.live: dict[str, set[int]] = {m: set() for m in config.models}
         self.cancelled: set[tuple[str, int]] = set()
         self.table = VersionTable.attach(config.version_table) if config.version_table else None
         self.inflight = 0
@@ -138,6 +145,7 @@ class Worker:
             async with gate:
                 runtime = await loop.run_in_executor(None, self._open_and_warm, segment)
             self.runtimes[model][runtime.version] = runtime
+            self.live[model].add(runtime.version)  # a worker boots with live versions only
 
         await asyncio.gather(*(open_one(m, s) for m, segs in self.config.models.items()
                                for s in segs))
@@ -266,7 +274,11 @@ class Worker:
         if versions is None:
             raise errors.UnknownModel(
                 f"no model {model!r}; serving: {', '.join(sorted(self.runtimes))}")
-        wanted = request.version if request.version is not None else self.current_version(model)
+        current = self.current_version(model)
+        wanted = request.version if request.version is not None else current
+        if wanted != current and wanted not in self.live[model] and wanted in versions:
+            raise errors.NotReady(f"model {model!r} version {wanted} is not live yet "
+                                  "(a publish is preparing it)")
         runtime = versions.get(wanted)
         if runtime is None:
             if request.version is not None:
@@ -405,6 +417,7 @@ class Worker:
         Its session and mapping are freed off the loop (release_when_unused)."""
         if (model, version) in self.preparing:
             self.cancelled.add((model, version))
+        self.live.get(model, set()).discard(version)
         if version != self.current_version(model):
             runtime = self.runtimes.get(model, {}).pop(version, None)
             if runtime is not None:
@@ -664,6 +677,9 @@ class ControlConnection(FramedConnection):
             self.send({"op": "reply", "id": rid, "ok": True, **self.worker.stats()})
         elif op == "prepare":
             asyncio.ensure_future(self.answer_prepare(rid, msg))
+        elif op == "live":
+            self.worker.live.setdefault(str(msg.get("model")), set()).add(
+                int(msg.get("version", -1)))
         elif op == "drop":
             self.worker.drop(str(msg.get("model")), int(msg.get("version", -1)))
         elif op == "activate":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shmcache import registry
+from shmcache import errors, registry
 from shmcache.cli import main as cli_main
 from shmcache.model import build_model_segment, load_model
 from shmcache.registry import instance_id, segment_name
@@ -98,6 +98,35 @@ def test_an_adopted_segment_is_not_swept(tmp_path: Path, instance: str) -> None:
         assert (SHM / orphan).exists()
     finally:
         registry.remove(orphan)
+
+
+def test_a_sweep_spares_what_was_adopted_after_it_listed_and_adopt_says_what_vanished(
+    tmp_path: Path, instance: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``shmcache cleanup`` next to a daemon restarting after a crash: the daemon adopts a
+    segment between the sweep's listing and its unlink (the sweep must re-read the creator
+    first), or the sweep unlinks one the daemon is about to adopt (adopt must say so in a
+    SegmentError the daemon handles, not a FileNotFoundError)."""
+    orphan = make_orphan(tmp_path, instance)
+    listed = registry.list_objects(instance)
+    adopted = False
+
+    def list_then_adopt(inst: str | None = None) -> list[registry.Found]:
+        nonlocal adopted
+        if not adopted:  # the daemon takes it over right after the sweep listed it
+            registry.adopt(orphan)
+            adopted = True
+        return listed
+
+    try:
+        assert [f.name for f in listed if f.orphan] == [orphan]
+        monkeypatch.setattr(registry, "list_objects", list_then_adopt)
+        assert registry.sweep_orphans(instance) == []
+        assert (SHM / orphan).exists()
+    finally:
+        registry.remove(orphan)
+    with pytest.raises(errors.SegmentNotFound, match="vanished"):
+        registry.adopt(orphan)
 
 
 def test_pid_reused_by_a_younger_process_is_not_the_creator() -> None:

@@ -469,6 +469,11 @@ def test_kept_versions_survive_a_restart_for_rollback(
     assert current_version(d) == 2
     wait_until(lambda: kept_versions(d) == [1], 60, "v1 loaded again")
     assert "kept version m v1 loaded again" in d.log_text()
+    table = subprocess.run([sys.executable, "-m", "shmcache.cli", "status", "--socket",
+                            str(d.socket)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    header, row = [line for line in table.splitlines() if line.startswith(("model", "m "))]
+    assert "kept (rollback)" in header and row.split()[:3] == ["m", "2", "v1"]
     d.control("rollback", model="m")
     for _ in range(6):  # both workers serve it
         y, version = call(d, x)
@@ -602,6 +607,42 @@ def test_a_failed_publish_lets_the_restore_resume(tmp_path: Path, weights: dict[
         assert version == 1
         assert y.tobytes() == reference(weights["A"]).run(None, {"x": x})[0].tobytes()
     finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_version_is_not_served_pinned_before_it_goes_live(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """One worker has prepared v2, the other not yet (held stopped): v2 is not live, and a
+    request pinned to it must not be served (the publish may still fail)."""
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=2, extra=["--standby", "0"],
+               env={"SHMCACHE_FAULT_PREPARE_DELAY": "2"}).wait_ready()
+    held = None
+    try:
+        proc = publish_while_preparing(d, weights["B"])
+        held = d.worker_pids()[1]
+        os.kill(held, signal.SIGSTOP)
+        wait_until(lambda: d.control("publish_status", model="m")["prepared"] == 1, 30,
+                   "one worker prepared")
+        x = np.ones((1, 64), np.float32)
+        # not_ready is retried until the client's timeout: a pinned canary waits for the flip
+        with shmcache.Client(str(d.socket), timeout=1.0) as impatient:
+            with pytest.raises(errors.NotReady, match="not live yet"):
+                impatient.run_with_version("m", None, {"x": x}, version=2)
+        os.kill(held, signal.SIGCONT)
+        held = None
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        y, version = call(d, x, version=2)
+        assert version == 2
+        assert y.tobytes() == reference(weights["B"]).run(None, {"x": x})[0].tobytes()
+        d.control("rollback", model="m")
+        for _ in range(4):  # still live after the flip went away from it
+            assert call(d, x, version=2)[1] == 2
+    finally:
+        if held is not None:
+            os.kill(held, signal.SIGCONT)
         assert d.stop() == 0
     assert d.segments() == []
 
