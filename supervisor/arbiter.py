@@ -287,6 +287,8 @@ class Arbiter:
             self.manifest.load()
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
+        for state in self.models.values():
+            state.served = self.manifest.served(state.name)
 
     def initial_version(self, state: ModelState) -> tuple[int, Path]:
         """The last committed version survives restarts; else version 1 of the given file.
@@ -359,23 +361,21 @@ class Arbiter:
                     continue
                 state.versions[version] = Version(version, owned, file, blobs, key, source)
                 if version == current:
-                    state.current = version
+                    state.make_current(version)
                 log.info("re-attached intact segment %s for %s v%d%s (digest verified)",
                          item.name, state.name, version, "" if version == current else " (kept)")
 
     def kept_to_restore(self, state: ModelState) -> list[tuple[int, Path]]:
         """The kept versions the manifest records for ``state`` that a restart loads again,
-        as many as ``--keep`` allows: those older than the committed one first, newest first
-        (where a plain ``rollback`` goes), then newer ones (left by a rollback)."""
+        as many as ``--keep`` allows, in rollback order (what a commit would keep)."""
         committed = self.manifest.committed(state.name)
         if committed is None:
             return []
-        current = committed[0]
         # A configured file kept with no digest to check it by may hold anything by now.
-        kept = [(v, f) for v, f in self.manifest.kept(state.name)
-                if self.manifest.is_own_copy(f) or self.manifest.digest(state.name, v)]
-        kept.sort(key=lambda vf: (vf[0] > current, -vf[0] if vf[0] < current else vf[0]))
-        return kept[: self.cfg.keep]
+        kept = {v: f for v, f in self.manifest.kept(state.name)
+                if self.manifest.is_own_copy(f) or self.manifest.digest(state.name, v)}
+        ranked = state.rollback_order(kept, state.current or self.initial_version(state)[0])
+        return [(v, kept[v]) for v in ranked[: self.cfg.keep]]
 
     def start_metrics(self) -> None:
         if not self.cfg.metrics_address:
@@ -611,7 +611,7 @@ class Arbiter:
             return
         state.versions[build.version] = Version(build.version, owned, build.path, blobs, key,
                                                 digest)
-        state.current = build.version
+        state.make_current(build.version)
         assert self.table is not None
         self.table.flip(state.slot, build.version)
 
@@ -1187,7 +1187,7 @@ class Arbiter:
             self.finish_restore(job, state)
             return
         previous = state.current
-        state.current = job.version
+        state.make_current(job.version)
         self.manifest.commit(state)  # durable first: a crash after the flip must not lose it
         self.flip(state, job.version)
         self.announce_live(job)
@@ -1340,7 +1340,7 @@ class Arbiter:
                 f"{model}: no kept version {'to roll back to' if to is None else to} "
                 f"(current v{state.current}, kept: {kept or 'none'})")
         previous = state.current
-        state.current = target
+        state.make_current(target)
         self.manifest.commit(state)
         self.flip(state, target)
         log.info("rolled %s back from v%d to v%d", model, previous, target)

@@ -12,9 +12,11 @@ Manifest (``<state_dir>/manifest.json``, replaced atomically: write, fsync, rena
      "models": {"<model>": {"version": 7, "file": "models/<model>/v7.onnx",
                             "kept": {"6": "models/<model>/v6.onnx"},
                             "issued": 7,
-                            "digests": {"7": "<sha256 hex>", "6": "<sha256 hex>"}}}}
+                            "digests": {"7": "<sha256 hex>", "6": "<sha256 hex>"},
+                            "served": {"7": 12, "6": 11}}}}
 
-``digests`` are the SHA-256 of each version's file when it was loaded (the segment header's
+``served`` orders the versions by when each last became current (ModelState.served): what
+is kept, and where a plain rollback goes, follow it. ``digests`` are the SHA-256 of each version's file when it was loaded (the segment header's
 ``source``): a file that no longer matches never serves under that version's number. A
 version's file is a copy under the state directory, except for a version built from the
 configured model file, which the operator may replace.
@@ -26,6 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from shmcache.segment import OwnedSegment
@@ -64,6 +67,9 @@ class ModelState:
     current: int = 0
     versions: dict[int, Version] = field(default_factory=dict)
     attempted: int = 0  # highest version a publish started: numbers are never reused
+    # version -> when it last became current (a counter; higher is more recent): what is
+    # kept and where a plain rollback goes follow what served, not the numbers
+    served: dict[int, int] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -81,16 +87,28 @@ class ModelState:
         worker maps)."""
         return [self.versions[v].segment.name for v in sorted(self.versions) if v != but]
 
+    def make_current(self, version: int) -> None:
+        self.current = version
+        self.served[version] = max(self.served.values(), default=0) + 1
+
+    def rollback_order(self, versions: Iterable[int], current: int) -> list[int]:
+        """``versions`` (not ``current``) in the order they are worth keeping: older than
+        ``current`` first, the one that served most recently first (where a plain rollback
+        goes); then newer ones (left behind by a rollback), likewise. After v3 was rolled
+        back to v1 and v4 published, v1 comes before v3."""
+        return sorted((v for v in versions if v != current), reverse=True,
+                      key=lambda v: (v < current, self.served.get(v, 0), v))
+
     def surplus(self, keep: int) -> list[int]:
-        """Versions that are neither current nor among the ``keep`` newest others."""
-        others = sorted((v for v in self.versions if v != self.current), reverse=True)
-        return others[keep:]
+        """Versions that are neither current nor among the ``keep`` first in rollback order."""
+        return self.rollback_order(self.versions, self.current)[keep:]
 
     def rollback_target(self, to: int | None) -> int | None:
+        """``to`` if loaded; else the older version that served most recently."""
         if to is not None:
             return to if to in self.versions and to != self.current else None
-        older = [v for v in self.versions if v < self.current]
-        return max(older) if older else None
+        ranked = self.rollback_order(self.versions, self.current)
+        return ranked[0] if ranked and ranked[0] < self.current else None
 
 
 class Manifest:
@@ -127,6 +145,15 @@ class Manifest:
         """The last committed (version, file) of ``model``, if its file still exists."""
         recorded = self.recorded(model)
         return recorded if recorded is not None and recorded[1].is_file() else None
+
+    def served(self, model: str) -> dict[int, int]:
+        """When each version last became current (ModelState.served), as recorded."""
+        served = self.entry(model).get("served")
+        if not isinstance(served, dict):
+            return {}
+        found = {version_number(k): n for k, n in served.items()
+                 if isinstance(n, int) and not isinstance(n, bool)}
+        return {v: n for v, n in found.items() if v is not None}
 
     def is_own_copy(self, file: Path) -> bool:
         """Whether ``file`` is a weight copy this daemon wrote (not a file the operator
@@ -208,6 +235,7 @@ class Manifest:
             "issued": max([state.attempted, self.highest(state.name), *state.versions]),
             "digests": {str(v): version.digest.hex() for v, version in state.versions.items()
                         if version.digest is not None},
+            "served": {str(v): state.served[v] for v in state.versions if v in state.served},
         }
         self.write()
         self.prune(state.name)

@@ -306,6 +306,36 @@ def test_pinned_versions_and_rollback(daemon: Daemon, weights: dict[str, Path]) 
         daemon.control("rollback", model="m", to=5)
 
 
+def test_rollback_goes_to_what_served_before_not_to_what_was_rolled_back_from(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """v2 (B) rolled back to v1 (A) because it was bad, then v3 published: the version kept,
+    and where a plain rollback goes, is v1, which served before v3, not the bad v2. So after
+    a restart too."""
+    x = np.ones((1, 64), np.float32)
+    c = models.save(models.mlp(SIZES, seed=3), tmp_path / "c.onnx")
+    a_out = reference(weights["A"]).run(None, {"x": x})[0]
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+        d.control("rollback", model="m")
+        assert publish(d, c).stdout.strip() == "3"
+        assert kept_versions(d) == [1]
+        assert d.control("rollback", model="m")["version"] == 1
+        y, version = call(d, x)
+        assert version == 1 and y.tobytes() == a_out.tobytes()
+        d.control("rollback", model="m", to=3)
+    finally:
+        assert d.stop() == 0
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    try:
+        wait_until(lambda: kept_versions(d) == [1], 60, "v1 loaded again")
+        assert d.control("rollback", model="m")["version"] == 1
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def test_publishing_needs_the_control_socket(daemon: Daemon, weights: dict[str, Path]) -> None:
     with shmcache.Client(str(daemon.socket)) as c:
         with pytest.raises(errors.UnsupportedOp):
