@@ -73,6 +73,14 @@ def publish_while_preparing(d: Daemon, path: Path) -> subprocess.Popen[str]:
     return proc
 
 
+def assert_serves(d: Daemon, version: int, weights_file: Path) -> None:
+    """An unpinned call is answered by ``version``, bit for bit as ``weights_file`` computes."""
+    x = np.ones((1, 64), np.float32)
+    y, served = call(d, x)
+    assert served == version
+    assert y.tobytes() == reference(weights_file).run(None, {"x": x})[0].tobytes()
+
+
 def current_version(d: Daemon) -> int:
     return next(m["version"] for m in d.status()["models"] if m["name"] == "m")
 
@@ -406,11 +414,7 @@ def test_a_configured_file_replaced_before_any_publish_gets_a_new_number(
 def test_a_missing_committed_copy_stops_the_start_and_the_fix_keeps_numbers_unique(
     tmp_path: Path, weights: dict[str, Path]
 ) -> None:
-    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
-    try:
-        assert publish(d, weights["B"]).returncode == 0
-    finally:
-        assert d.stop() == 0
+    published_and_stopped(tmp_path, weights)
     (tmp_path / "state" / "models" / "m" / "v2.onnx").unlink()
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"])
     assert d.wait_exit(60) == 1 and "the copy of committed v2, is missing" in d.log_text()
@@ -523,21 +527,37 @@ def test_kept_versions_survive_a_restart_for_rollback(
     assert d.segments() == []
 
 
-def test_a_publish_does_not_wait_for_a_kept_version_to_load_again(
-    tmp_path: Path, weights: dict[str, Path]
-) -> None:
-    """Restarted with a kept version to load again (slowed down here), a publish goes first:
-    the restore is abandoned, the publish flips, and the version kept is the one before it."""
+def published_and_stopped(tmp_path: Path, weights: dict[str, Path]) -> None:
+    """A daemon that served A as v1, published B as v2 (keeping v1), and stopped cleanly."""
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
     try:
         assert publish(d, weights["B"]).returncode == 0
     finally:
         assert d.stop() == 0
+
+
+def restoring(tmp_path: Path, weights: dict[str, Path], prepare_delay: str) -> Daemon:
+    """published_and_stopped, restarted: serving v2, loading kept v1 again (each prepare
+    slowed down by ``prepare_delay`` seconds)."""
+    published_and_stopped(tmp_path, weights)
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"],
-               env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
+               env={"SHMCACHE_FAULT_PREPARE_DELAY": prepare_delay}).wait_ready()
     try:
         wait_until(lambda: d.control("publish_status", model="m").get("kind") == "restore",
                    30, "restore started")
+    except BaseException:
+        d.stop()
+        raise
+    return d
+
+
+def test_a_publish_does_not_wait_for_a_kept_version_to_load_again(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """Restarted with a kept version to load again (slowed down here), a publish goes first:
+    the restore is abandoned, the publish flips, and the version kept is the one before it."""
+    d = restoring(tmp_path, weights, prepare_delay="3")
+    try:
         with pytest.raises(errors.Busy, match="still loading after the restart"):
             d.control("rollback", model="m")
         done = publish(d, weights["A"])
@@ -602,11 +622,7 @@ def test_a_changed_file_never_serves_under_an_old_version_number(
 def test_a_damaged_committed_copy_stops_the_start_with_the_fix(
     tmp_path: Path, weights: dict[str, Path]
 ) -> None:
-    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
-    try:
-        assert publish(d, weights["B"]).returncode == 0
-    finally:
-        assert d.stop() == 0
+    published_and_stopped(tmp_path, weights)
     copy = tmp_path / "state" / "models" / "m" / "v2.onnx"
     damaged = bytearray(copy.read_bytes())
     damaged[-100] ^= 0x01
@@ -619,23 +635,12 @@ def test_a_damaged_committed_copy_stops_the_start_with_the_fix(
 
 
 def test_a_failed_publish_lets_the_restore_resume(tmp_path: Path, weights: dict[str, Path]) -> None:
-    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
+    d = restoring(tmp_path, weights, prepare_delay="2")
     try:
-        assert publish(d, weights["B"]).returncode == 0
-    finally:
-        assert d.stop() == 0
-    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"],
-               env={"SHMCACHE_FAULT_PREPARE_DELAY": "2"}).wait_ready()
-    try:
-        wait_until(lambda: d.control("publish_status", model="m").get("kind") == "restore",
-                   30, "restore started")
         assert publish(d, weights["bad_sig"]).returncode != 0
         wait_until(lambda: kept_versions(d) == [1], 60, "restore resumed and done")
         d.control("rollback", model="m")
-        x = np.ones((1, 64), np.float32)
-        y, version = call(d, x)
-        assert version == 1
-        assert y.tobytes() == reference(weights["A"]).run(None, {"x": x})[0].tobytes()
+        assert_serves(d, 1, weights["A"])
     finally:
         assert d.stop() == 0
     assert d.segments() == []
@@ -689,10 +694,7 @@ def test_a_worker_retired_during_a_prepare_does_not_fail_the_publish(
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         wait_until(lambda: len(d.worker_pids()) == 1, 30, "one worker left")
-        x = np.ones((1, 64), np.float32)
-        y, version = call(d, x)
-        assert version == 2
-        assert y.tobytes() == reference(weights["B"]).run(None, {"x": x})[0].tobytes()
+        assert_serves(d, 2, weights["B"])
     finally:
         assert d.stop() == 0
     assert d.segments() == []
