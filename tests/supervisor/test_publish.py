@@ -20,6 +20,7 @@ from onnx import numpy_helper
 import shmcache
 from shmcache import errors, hugepages
 from tests import models
+from shmcache.paths import control_socket_path
 from tests.supervisor.daemon import ROOT, Daemon, serving, wait_until
 from worker.runtime import SessionSettings
 
@@ -536,11 +537,12 @@ def published_and_stopped(tmp_path: Path, weights: dict[str, Path]) -> None:
         assert d.stop() == 0
 
 
-def restoring(tmp_path: Path, weights: dict[str, Path], prepare_delay: str) -> Daemon:
+def restoring(tmp_path: Path, weights: dict[str, Path], prepare_delay: str,
+              workers: int = 1) -> Daemon:
     """published_and_stopped, restarted: serving v2, loading kept v1 again (each prepare
     slowed down by ``prepare_delay`` seconds)."""
     published_and_stopped(tmp_path, weights)
-    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"],
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=workers, extra=["--standby", "0"],
                env={"SHMCACHE_FAULT_PREPARE_DELAY": prepare_delay}).wait_ready()
     try:
         wait_until(lambda: d.control("publish_status", model="m").get("kind") == "restore",
@@ -678,6 +680,51 @@ def test_a_version_is_not_served_pinned_before_it_goes_live(
     finally:
         if held is not None:
             os.kill(held, signal.SIGCONT)
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_publish_sent_while_the_daemon_builds_waits_for_it_to_serve(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """not_ready (retried by the client), not unknown_model: the model is there, not yet
+    serving."""
+    big = models.save(models.mlp((64, 4096, 4096, 32), seed=1), tmp_path / "big.onnx")
+    d = Daemon(tmp_path, {"m": big}, workers=1, extra=["--standby", "0"])
+    try:
+        wait_until(lambda: (d.health() or {}).get("phase") == "building", 60, "building",
+                   0.005)
+        with shmcache.Client(str(control_socket_path(d.socket)), timeout=120) as control:
+            reply = control.request("publish", model="m", path=str(big),
+                                    allow_signature_change=True)
+        assert reply["version"] == 2 and reply["previous"] == 1
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_worker_started_during_a_restore_maps_only_live_versions(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """The replacement of a worker that died while kept v1 loads again boots with the live
+    versions only, and prepares v1 once ready, when asked: a publish may still drop it (its
+    boot then failed on the vanished segment)."""
+    d = restoring(tmp_path, weights, prepare_delay="3", workers=2)
+    try:
+        wait_until(lambda: d.control("publish_status", model="m")["phase"] == "preparing",
+                   30, "v1's segment built")
+        dead, other = d.worker_pids()
+        os.kill(dead, signal.SIGKILL)
+        (replacement,) = wait_until(lambda: [p for p in d.worker_pids() if p not in
+                                             (dead, other)], 60, "replacement ready")
+        wait_until(lambda: kept_versions(d) == [1], 60, "v1 loaded again")
+        log = d.log_text().splitlines()
+        ready = log.index(next(line for line in log
+                               if f"active worker {replacement} ready" in line))
+        v1 = log.index(next(line for line in log
+                            if f"worker[{replacement}]: session for m v1" in line))
+        assert v1 > ready
+    finally:
         assert d.stop() == 0
     assert d.segments() == []
 
