@@ -320,7 +320,7 @@ class Arbiter:
         renumbered = self.manifest.highest(state.name) + 1
         log.warning("model %r: %s is not what v%d served (replaced, or another path "
                     "configured); serving it as v%d", state.name, state.path, version, renumbered)
-        self.manifest.renumber(state.name, renumbered, state.path, digest)
+        self.manifest.record_current(state.name, renumbered, state.path, digest)
         return renumbered, state.path
 
     def reset_advice(self, state: ModelState) -> str:
@@ -332,15 +332,13 @@ class Arbiter:
         and intact, and built from the file the manifest names for them."""
         found = [f for f in registry.list_objects(self.instance) if f.orphan and f.sealed]
         for state in self.models.values():
-            current, _ = self.initial_version(state)
-            wanted = dict([self.initial_version(state), *self.kept_to_restore(state)])
+            current = self.initial_version(state)
+            wanted = dict([current, *self.kept_to_restore(state)])
             for item in found:
                 if item.model != state.name or item.version not in wanted \
                         or item.version in state.versions:
                     continue
                 version, file = item.version, wanted[item.version]
-                expected = self.manifest.digest(state.name, version) \
-                    or bytes.fromhex(model_digest(file))
                 try:
                     with Segment.attach(item.name, verify=True) as segment:
                         blobs, key = segment.holds_blobs, segment.header.key
@@ -348,6 +346,9 @@ class Arbiter:
                 except errors.SegmentError as exc:
                     log.warning("not re-attaching %s: %s", item.name, exc)
                     continue
+                # Hashed only for a segment worth adopting, and only without a record.
+                expected = self.manifest.digest(state.name, version) \
+                    or bytes.fromhex(model_digest(file))
                 if source != expected:
                     # Same model and version, other weights: the configured file changed
                     # since the crash (or the segment predates the record).
@@ -360,10 +361,11 @@ class Arbiter:
                     log.warning("not re-attaching %s: %s", item.name, exc)
                     continue
                 state.versions[version] = Version(version, owned, file, blobs, key, source)
-                if version == current:
+                if version == current[0]:
                     state.make_current(version)
                 log.info("re-attached intact segment %s for %s v%d%s (digest verified)",
-                         item.name, state.name, version, "" if version == current else " (kept)")
+                         item.name, state.name, version,
+                         "" if version == current[0] else " (kept)")
 
     def kept_to_restore(self, state: ModelState) -> list[tuple[int, Path]]:
         """The kept versions the manifest records for ``state`` that a restart loads again,

@@ -19,8 +19,8 @@ killed), the publish is abandoned and the daemon keeps serving the old version.
 A *restore* is the same machine without a publisher and without the flip: after a restart, each
 kept version the manifest records is built and prepared everywhere again, in the background,
 so that ``rollback`` still finds it. Its commit only marks the version loaded. A worker that
-dies meanwhile does not fail it (its replacement maps the segment at boot); anything else does,
-and then the version is only lost for rollback, never served.
+dies meanwhile does not fail it (its replacement is asked to prepare once ready); anything
+else does, and then the version is only lost for rollback, never served.
 """
 
 from __future__ import annotations

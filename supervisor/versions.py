@@ -16,19 +16,20 @@ Manifest (``<state_dir>/manifest.json``, replaced atomically: write, fsync, rena
                             "served": {"7": 12, "6": 11}}}}
 
 ``served`` orders the versions by when each last became current (ModelState.served): what
-is kept, and where a plain rollback goes, follow it. ``digests`` are the SHA-256 of each version's file when it was loaded (the segment header's
-``source``): a file that no longer matches never serves under that version's number. A
-version's file is a copy under the state directory, except for a version built from the
-configured model file, which the operator may replace.
+is kept, and where a plain rollback goes, follow it. ``digests`` are the SHA-256 of each
+version's file when it was loaded (the segment header's ``source``): a file that no longer
+matches never serves under that version's number. A version's file is a copy under the state
+directory, except for a version built from the configured model file, which the operator may
+replace.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 from shmcache.segment import OwnedSegment
@@ -180,10 +181,11 @@ class Manifest:
             return None
         return digest if digest is not None and len(digest) == DIGEST_BYTES else None
 
-    def renumber(self, model: str, version: int, file: Path, digest: bytes) -> None:
-        """The committed version's file was the configured model file, which has been
-        replaced or reconfigured: its contents serve as ``version``, a new number, recorded
-        at once (the kept versions stay as they are)."""
+    def record_current(self, model: str, version: int, file: Path, digest: bytes) -> None:
+        """Record at once, outside a commit, that ``version`` (``file``, ``digest``) serves;
+        the kept versions stay as they are. At start: the configured model file replaced or
+        reconfigured, whose contents serve under a new number; or a version served before
+        any publish recorded it."""
         entry = self.data["models"].setdefault(model, {})
         if not isinstance(entry, dict):
             entry = self.data["models"][model] = {}
@@ -204,7 +206,7 @@ class Manifest:
         if version_number(entry.get("version")) == state.current and \
                 self.digest(state.name, state.current) == version.digest:
             return  # already recorded: no write
-        self.renumber(state.name, state.current, version.file, version.digest)
+        self.record_current(state.name, state.current, version.file, version.digest)
 
     def relative(self, path: Path) -> str:
         try:

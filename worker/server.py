@@ -115,11 +115,10 @@ class Worker:
         self.config = config
         self.control_sock = control
         self.runtimes: dict[str, dict[int, ModelRuntime]] = {m: {} for m in config.models}
-        # (model, version) of prepares running, and of those dropped meanwhile (an abandoned
+        # (model, version) of prepares running; a drop takes its version out (an abandoned
         # publish): a session finished after its drop must not stay, mapping a dead segment.
         self.preparing: set[tuple[str, int]] = set()
         self.live: dict[str, set[int]] = {m: set() for m in config.models}
-        self.cancelled: set[tuple[str, int]] = set()
         self.table = VersionTable.attach(config.version_table) if config.version_table else None
         self.inflight = 0
         self.served = 0
@@ -378,10 +377,10 @@ class Worker:
         try:
             runtime = await self._prepare_runtime(model, segment, background)
         finally:
+            dropped = (model, version) not in self.preparing  # drop() took it out
             self.preparing.discard((model, version))
         why = ""
-        if (model, version) in self.cancelled:
-            self.cancelled.discard((model, version))
+        if dropped:
             why = f"{model} v{version} was dropped while it was prepared"
         elif runtime.version != version or runtime.model != model:
             why = (f"segment {segment!r} holds {runtime.model} v{runtime.version}, "
@@ -415,8 +414,7 @@ class Worker:
     def drop(self, model: str, version: int) -> None:
         """Forget a version; requests still running on it keep their reference until done.
         Its session and mapping are freed off the loop (release_when_unused)."""
-        if (model, version) in self.preparing:
-            self.cancelled.add((model, version))
+        self.preparing.discard((model, version))
         self.live.get(model, set()).discard(version)
         if version != self.current_version(model):
             runtime = self.runtimes.get(model, {}).pop(version, None)
