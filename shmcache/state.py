@@ -9,13 +9,19 @@ running finishes on the version it started with.
 Layout (little-endian)::
 
     0      8s   magic b"SHMSTATE"
-    8      u32  layout version (1)
+    8      u32  layout version (2)
     12     u32  slot count
     16     48s  reserved
-    64     slots, SLOT_SIZE (64) bytes each, one per model, in configuration order:
+    64     slots, SLOT_SIZE (128) bytes each, one per model, in configuration order:
              0   u64  current version      <- the flip: a single aligned 8-byte store
              8   u64  flips so far
              16  48s  model name, UTF-8, NUL padded
+             64  u64  count of versions coming back (0..7)
+             72  7 x u64  those versions: kept versions a restart is loading again
+
+The versions coming back only shape an error: a request pinned to one of them is told to retry
+(not_ready) rather than that the version is gone (not_found). The supervisor writes the list
+before the count, and a reader that catches it mid-update gets, at worst, the other error.
 
 A slot's 8-byte words are naturally aligned inside a page-aligned mapping; x86-64 and aarch64
 make such stores and loads single-copy atomic, so a reader sees the old or the new version,
@@ -34,11 +40,13 @@ import posix_ipc
 from shmcache.errors import SegmentCorrupt, SegmentError
 
 MAGIC = b"SHMSTATE"
-LAYOUT = 1
+LAYOUT = 2
 HEADER = struct.Struct("<8sII48s")
-SLOT_SIZE = 64
+SLOT_SIZE = 128
 SLOTS_AT = 64
 MAX_NAME = 48
+COMING_BACK = 8  # word index of the count; the versions follow
+MAX_COMING_BACK = 7
 
 
 class VersionTable:
@@ -104,6 +112,20 @@ class VersionTable:
             raise SegmentError("the version table is read-only in this process")
         self._slots[slot, 0] = version
         self._slots[slot, 1] += 1
+
+    def coming_back(self, slot: int) -> list[int]:
+        """The kept versions of this model a restart is loading again (see the layout)."""
+        count = min(int(self._slots[slot, COMING_BACK]), MAX_COMING_BACK)
+        return [int(v) for v in self._slots[slot, COMING_BACK + 1 : COMING_BACK + 1 + count]]
+
+    def set_coming_back(self, slot: int, versions: list[int]) -> None:
+        """Record the versions coming back (at most the first seven: a hint, not a promise)."""
+        if not self.writable:
+            raise SegmentError("the version table is read-only in this process")
+        shown = versions[:MAX_COMING_BACK]
+        self._slots[slot, COMING_BACK] = 0
+        self._slots[slot, COMING_BACK + 1 : COMING_BACK + 1 + len(shown)] = shown
+        self._slots[slot, COMING_BACK] = len(shown)
 
     def unlink(self) -> None:
         try:

@@ -1100,7 +1100,21 @@ class Arbiter:
 
     def start_restore(self, state: ModelState) -> None:
         """After a restart, load the next kept version the manifest records again, as a
-        restore (supervisor.publish): one at a time per model, each tried once."""
+        restore (supervisor.publish): one at a time per model, each tried once. The workers
+        learn which versions are still coming back, to tell a pinned request to retry."""
+        self.start_next_restore(state)
+        if self.table is not None:
+            self.table.set_coming_back(state.slot, self.versions_coming_back(state))
+
+    def versions_coming_back(self, state: ModelState) -> list[int]:
+        """Kept versions not loaded yet whose restore is running, paused or still to try."""
+        job = self.publishes.get(state.name)
+        loading = job.version if job is not None and job.restore else None
+        return [v for v, _ in self.kept_to_restore(state)
+                if v == loading or (v not in state.versions
+                                    and (state.name, v) not in self.restores_tried)]
+
+    def start_next_restore(self, state: ModelState) -> None:
         if self.phase != "running" or state.name in self.publishes \
                 or state.name in self.restores_paused:
             return

@@ -263,6 +263,11 @@ class Worker:
             return self.table.current(self.config.slots[model])
         return max(self.runtimes[model], default=0)
 
+    def coming_back(self, model: str) -> list[int]:
+        if self.table is not None and model in self.config.slots:
+            return self.table.coming_back(self.config.slots[model])
+        return []
+
     def current_versions(self) -> dict[str, int]:
         return {m: self.current_version(m) for m in self.runtimes}
 
@@ -280,6 +285,10 @@ class Worker:
                                   "(a publish is preparing it)")
         runtime = versions.get(wanted)
         if runtime is None:
+            if request.version is not None and request.version in self.coming_back(model):
+                raise errors.NotReady(
+                    f"model {model!r} version {wanted} is being loaded again after a restart "
+                    "(kept for rollback); retry in a few seconds")
             if request.version is not None:
                 raise errors.NotFound(
                     f"model {model!r} version {request.version} is not available "

@@ -648,6 +648,29 @@ def test_a_failed_publish_lets_the_restore_resume(tmp_path: Path, weights: dict[
     assert d.segments() == []
 
 
+def test_a_request_pinned_to_a_kept_version_loading_again_is_told_to_retry(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """Right after a restart the kept v1 is still loading: a request pinned to it gets
+    not_ready, which the client retries until v1 is back, instead of not_found (gone)."""
+    x = np.ones((2, 64), np.float32)
+    d = restoring(tmp_path, weights, prepare_delay="4")
+    try:
+        with shmcache.Client(str(d.socket), timeout=0.5) as impatient:
+            with pytest.raises(errors.NotReady, match="loaded again after a restart"):
+                impatient.run_with_version("m", None, {"x": x}, version=1)
+            with pytest.raises(errors.NotFound):
+                impatient.run_with_version("m", None, {"x": x}, version=7)
+        assert kept_versions(d) == []
+        y, version = call(d, x, version=1)  # waits for the restore
+        assert version == 1
+        assert kept_versions(d) == [1]
+        assert y.tobytes() == reference(weights["A"]).run(None, {"x": x})[0].tobytes()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def test_a_version_is_not_served_pinned_before_it_goes_live(
     tmp_path: Path, weights: dict[str, Path]
 ) -> None:
