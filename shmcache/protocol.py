@@ -17,8 +17,13 @@ Frame
 ``max_frame`` defaults to ``DEFAULT_MAX_FRAME`` (272 MiB: a 256 MiB tensor plus headroom) and is
 checked on the 4-byte header *before* the body is buffered, so a hostile peer cannot make us
 allocate more than that.  N > max_frame -> ``FrameTooLarge``; N == 0 -> ``Malformed``.  The body
-is unpacked with msgpack's own limits for untrusted input (every ``max_*_len`` derived from
-max_frame, ``max_ext_len=0``, ``strict_map_key=True``, ``raw=False``): ext types are refused.
+is unpacked with msgpack's own limits for untrusted input (``max_bin_len`` = max_frame,
+``max_ext_len=0``, ``strict_map_key=True``, ``raw=False``): ext types are refused.  A request
+(client -> worker or supervisor) is held tighter: at most ``MAX_REQUEST_ITEMS`` (1024) entries
+in any map or array (inputs, outputs, a shape) and strings of at most ``MAX_REQUEST_STR``
+(64 KiB), so that one frame cannot hold the reader's loop for seconds building millions of
+entries; a longer request is unreadable (``Malformed``, connection closed).  A response's
+inline outputs are held to max_frame by the sender (``FrameTooLarge`` on the request's id).
 
 Request (client -> worker)
 --------------------------
@@ -104,6 +109,8 @@ DEFAULT_MAX_FRAME: int = 272 * 1024 * 1024
 HEADER = struct.Struct(">I")
 MAX_DIMS = 32
 MAX_ID = 2**63 - 1
+MAX_REQUEST_ITEMS = 1024  # entries in any one map or array of a request
+MAX_REQUEST_STR = 64 * 1024  # bytes of any one string in a request (names, codes)
 ALLOWED_DTYPES: frozenset[str] = frozenset(
     {
         "bool",
@@ -170,13 +177,16 @@ def encode_frame(msg: Mapping[str, Any]) -> bytes:
     return b"".join(encode_frame_parts(msg))
 
 
-def decode_body(body: bytes | bytearray | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
-    """Unpack one frame body into a map, or raise ``Malformed``.
+def decode_body(body: bytes | bytearray | memoryview, max_frame: int = DEFAULT_MAX_FRAME,
+                requests: bool = False) -> dict[str, Any]:
+    """Unpack one frame body into a map, or raise ``Malformed``; ``requests``: the body is a
+    request, held to MAX_REQUEST_ITEMS and MAX_REQUEST_STR (see the top of this module).
 
     msgpack reports bad input through a zoo of ValueError subclasses (ExtraData, FormatError,
     StackError, UnicodeDecodeError) plus TypeError for unhashable keys; all of them mean the
     peer sent something that is not a frame, so all of them become one typed error.
     """
+    items = MAX_REQUEST_ITEMS if requests else max_frame
     try:
         obj = msgpack.unpackb(
             body,
@@ -184,13 +194,16 @@ def decode_body(body: bytes | bytearray | memoryview, max_frame: int = DEFAULT_M
             strict_map_key=True,
             use_list=True,
             max_bin_len=max_frame,
-            max_str_len=max_frame,
-            max_array_len=max_frame,
-            max_map_len=max_frame // 2,
+            max_str_len=MAX_REQUEST_STR if requests else max_frame,
+            max_array_len=items,
+            max_map_len=items if requests else max_frame // 2,
             max_ext_len=0,
         )
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
-        raise errors.Malformed(f"frame body is not msgpack: {exc}") from exc
+        # Some of them say nothing (a StackError's message is empty): name the kind at least.
+        said = f": {str(exc)[:200]}" if str(exc) else ""
+        raise errors.Malformed(
+            f"frame body is not a readable msgpack map ({type(exc).__name__}{said})") from exc
     if not isinstance(obj, dict):
         raise errors.Malformed(f"frame body is a {type(obj).__name__}, not a map")
     return obj
@@ -204,8 +217,9 @@ class FrameDecoder:
     input and the caller must close the connection.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, requests: bool = False) -> None:
         self.max_frame = max_frame
+        self.requests = requests  # decode_body's: frames from clients, held tighter
         self._buf = bytearray()
         self._need: int | None = None  # body length of the frame being read, once known
         self._broken = False
@@ -237,7 +251,7 @@ class FrameDecoder:
             if len(self._buf) < end:
                 return out
             with memoryview(self._buf) as view, view[HEADER.size : end] as body:
-                out.append(decode_body(body, self.max_frame))
+                out.append(decode_body(body, self.max_frame, self.requests))
             # Deleting from the front of a bytearray is O(1) in CPython (it moves ob_start).
             del self._buf[:end]
             self._need = None
@@ -306,11 +320,11 @@ def tensor_from_wire(obj: object, arena: ArenaView | None = None) -> np.ndarray:
         raise errors.Malformed(f"tensor must be a map, got {type(obj).__name__}")
     dtype_name, shape = obj.get("dtype"), obj.get("shape")
     if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
-        raise errors.BadDtype(f"dtype {dtype_name!r} is not one of {sorted(ALLOWED_DTYPES)}")
+        raise errors.BadDtype(f"dtype {brief(dtype_name)} is not one of {sorted(ALLOWED_DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
-        raise errors.BadShape(f"shape must be a list of at most {MAX_DIMS} ints, got {shape!r}")
+        raise errors.BadShape(f"shape must be a list of at most {MAX_DIMS} ints, got {brief(shape)}")
     if not all(type(d) is int and d >= 0 for d in shape):
-        raise errors.BadShape(f"shape must hold non-negative ints, got {shape!r}")
+        raise errors.BadShape(f"shape must hold non-negative ints, got {brief(shape)}")
     dtype = _WIRE_DTYPES[dtype_name]
     # Python ints: a hostile shape like [2**62, 2**62] must not overflow into a match.
     expected = math.prod(shape) * dtype.itemsize
@@ -334,7 +348,7 @@ def tensor_bytes(obj: dict[str, Any], arena: ArenaView | None) -> bytes | memory
         return data
     ref = obj["shm"]
     if not (isinstance(ref, list) and len(ref) == 2 and all(_is_int(v) and v >= 0 for v in ref)):
-        raise errors.Malformed(f"shm must be [offset, nbytes] of non-negative ints, got {ref!r}")
+        raise errors.Malformed(f"shm must be [offset, nbytes] of non-negative ints, got {brief(ref)}")
     if arena is None:
         raise errors.Malformed("tensor refers to shared memory, but this connection has no arena")
     return arena.view(ref[0], ref[1])
@@ -361,6 +375,13 @@ def _is_int(value: object) -> bool:
     return type(value) is int  # bool is an int subclass, and never a valid id or version
 
 
+def brief(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters: errors quote what a client sent, and a
+    client may send megabytes (an error once echoed a 19 MiB list back as 57 MiB)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def parse_request(msg: object, ops: frozenset[str] = DEFAULT_OPS,
                   arena: ArenaView | None = None) -> Request:
     """Validate a decoded frame as a request.
@@ -374,43 +395,44 @@ def parse_request(msg: object, ops: frozenset[str] = DEFAULT_OPS,
         raise errors.Malformed(f"request must be a map, got {type(msg).__name__}")
     rid: Any = msg.get("id")
     if not _is_int(rid) or not 0 <= rid <= MAX_ID:
-        raise errors.Malformed(f"request id must be an int in 0..2**63-1, got {rid!r}")
+        raise errors.Malformed(f"request id must be an int in 0..2**63-1, got {brief(rid)}")
     try:
         return _parse_fields(rid, msg, ops, arena)
     except errors.RemoteError as exc:
         exc.request_id = rid
         raise
-    except (ValueError, TypeError, OverflowError) as exc:
-        # Something our checks let through and numpy refused: still this request's error, on
-        # its id, and the connection (framing intact) stays open.
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
+        # Something our checks let through and numpy refused, or an arena the client sealed
+        # against our mapping it again: still this request's error, on its id, and the
+        # connection (framing intact) stays open.
         raise errors.Malformed(f"request {rid} could not be read: {exc}", request_id=rid) from None
 
 
 def _parse_fields(rid: int, msg: dict[str, Any], ops: frozenset[str],
                   arena: ArenaView | None) -> Request:
-    if msg.get("v") != PROTOCOL_VERSION:
+    if not _is_int(msg.get("v")) or msg.get("v") != PROTOCOL_VERSION:  # not 1.0, not true
         raise errors.Malformed(
-            f"protocol version {msg.get('v')!r} not supported; this server speaks version "
-            f"{PROTOCOL_VERSION}"
+            f"protocol version {brief(msg.get('v'))} not supported; this server speaks "
+            f"version {PROTOCOL_VERSION}"
         )
     op = msg.get("op")
     if not isinstance(op, str):
-        raise errors.Malformed(f"op must be a str, got {op!r}")
+        raise errors.Malformed(f"op must be a str, got {brief(op)}")
     if op not in ops:
-        raise errors.UnsupportedOp(f"unsupported op {op!r}; supported: {sorted(ops)}")
+        raise errors.UnsupportedOp(f"unsupported op {brief(op)}; supported: {sorted(ops)}")
     model = msg.get("model")
     if op == "infer" and not isinstance(model, str):
-        raise errors.Malformed(f"infer needs a model name (str), got {model!r}")
+        raise errors.Malformed(f"infer needs a model name (str), got {brief(model)}")
     if model is not None and not isinstance(model, str):
-        raise errors.Malformed(f"model must be a str, got {model!r}")
+        raise errors.Malformed(f"model must be a str, got {brief(model)}")
     version = msg.get("version")
     if version is not None and (not _is_int(version) or version < 0):
-        raise errors.Malformed(f"version must be a non-negative int, got {version!r}")
+        raise errors.Malformed(f"version must be a non-negative int, got {brief(version)}")
     outputs = msg.get("outputs")
     if outputs is not None and (
         not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)
     ):
-        raise errors.Malformed(f"outputs must be a list of str or nil, got {outputs!r}")
+        raise errors.Malformed(f"outputs must be a list of str or nil, got {brief(outputs)}")
     raw_inputs = msg.get("inputs")
     if raw_inputs is None and op == "infer":
         raise errors.Malformed("infer needs inputs")
@@ -422,7 +444,7 @@ def _parse_out(out: object, arena: ArenaView | None) -> tuple[int, int] | None:
     if out is None:
         return None
     if not (isinstance(out, list) and len(out) == 2 and all(_is_int(v) and v >= 0 for v in out)):
-        raise errors.Malformed(f"out must be [offset, nbytes] of non-negative ints, got {out!r}")
+        raise errors.Malformed(f"out must be [offset, nbytes] of non-negative ints, got {brief(out)}")
     if arena is None:
         raise errors.Malformed("out names an arena region, but this connection has no arena")
     arena.view(out[0], out[1])  # checked against the arena now, like the inputs, not after the run
@@ -435,11 +457,11 @@ def _parse_inputs(raw: object, arena: ArenaView | None) -> dict[str, np.ndarray]
     inputs: dict[str, np.ndarray] = {}
     for name, tensor in raw.items():
         if not isinstance(name, str):
-            raise errors.Malformed(f"input names must be str, got {name!r}")
+            raise errors.Malformed(f"input names must be str, got {brief(name)}")
         try:
             inputs[name] = tensor_from_wire(tensor, arena)
         except errors.RemoteError as exc:
-            exc.message = f"input {name!r}: {exc.message}"
+            exc.message = f"input {brief(name)}: {exc.message}"
             exc.args = (exc.message,)
             raise
     return inputs
@@ -477,16 +499,23 @@ class OutputPlacer(Protocol):
 def ok_infer(
     request_id: int, version: int, outputs: Iterable[tuple[str, np.ndarray]],
     compute: float | None = None, arena: OutputPlacer | None = None,
-    out: tuple[int, int] | None = None,
+    out: tuple[int, int] | None = None, max_frame: int | None = None,
 ) -> dict[str, Any]:
     """Success for ``infer``: outputs in the order the client asked for them, and how long
     the model ran (``compute`` seconds) when the worker measured it.  With an ``arena`` and
-    the request's ``out`` region, outputs that fit are copied there and sent as ``shm``."""
+    the request's ``out`` region, outputs that fit are copied there and sent as ``shm``.
+    ``max_frame``: refuse (``FrameTooLarge``) outputs whose inline bytes would exceed it, before
+    packing them (an output asked for 1000 times over would otherwise be packed 1000 times)."""
     named = [(name, *wire_array(np.asarray(arr), f"output {name!r} (ask for the other outputs "
                                 "by name)")) for name, arr in outputs]
     offsets: list[int | None] = [None] * len(named)
     if arena is not None and out is not None:
         offsets = arena.place([arr for _, _, arr in named], out)
+    inline = sum(arr.nbytes for (_, _, arr), off in zip(named, offsets) if off is None)
+    if max_frame is not None and inline > max_frame:
+        raise errors.FrameTooLarge(
+            f"the outputs asked for come to {inline} bytes, more than max_frame={max_frame}; "
+            "ask for fewer outputs or a smaller batch")
     wire = [[name, tensor_ref(dtype, arr.shape, off, arr.nbytes) if off is not None
              else _inline_tensor(dtype, arr)]
             for (name, dtype, arr), off in zip(named, offsets)]

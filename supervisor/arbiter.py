@@ -868,6 +868,7 @@ class Arbiter:
         for w in list(self.workers.values()):
             if w.state == "ready" and now - w.last_beat > self.cfg.heartbeat_timeout:
                 log.error("worker %d silent for %.0fs; killing it", w.pid, now - w.last_beat)
+                self.restarts += 1  # hung is as unexpected as dead; its exit reads as a stop
                 self.stop_worker(w, signal.SIGKILL)
             elif w.state == "booting" and now - w.started > self.cfg.boot_timeout:
                 log.error("worker %d not ready after %.0fs; killing it", w.pid, now - w.started)
@@ -980,7 +981,7 @@ class Arbiter:
             sock, _ = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return None
-        peer = Peer(sock, max_frame)
+        peer = Peer(sock, max_frame, requests=True)
         into.add(peer)
         return peer
 

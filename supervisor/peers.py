@@ -18,10 +18,13 @@ MAX_BACKLOG = 16 * 2**20  # a peer that reads nothing cannot make the supervisor
 
 
 class Peer:
-    def __init__(self, sock: socket.socket, max_frame: int = 16 * 2**20) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int = 16 * 2**20,
+                 requests: bool = False) -> None:
+        """``requests``: the peer is a client (control or early door), whose frames are held
+        to the protocol's request limits; a worker's channel is not."""
         sock.setblocking(False)
         self.sock = sock
-        self.decoder = protocol.FrameDecoder(max_frame)
+        self.decoder = protocol.FrameDecoder(max_frame, requests)
         self.out = bytearray()
         self.closed = False
 

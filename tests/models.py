@@ -232,3 +232,14 @@ def text_output(size: int = 768, layers: int = 4, seed: int = 6) -> onnx.ModelPr
     graph.node.append(helper.make_node("Cast", ["y_float"], ["y"], to=TensorProto.STRING))
     graph.output[0].type.tensor_type.elem_type = TensorProto.STRING
     return model
+
+
+def embedding(vocab: int = 10, width: int = 4, seed: int = 8) -> onnx.ModelProto:
+    """Gather rows of a table by int64 ids: an id past the table fails only when it runs."""
+    table = np.random.default_rng(seed).standard_normal((vocab, width)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        [numpy_helper.from_array(table, "table")])
+    return _model(graph)

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from shmcache import errors
+from shmcache.protocol import brief
 from shmcache.segment import SHM_DIR, Segment
 
 # ORT's type strings for the element types the wire protocol carries.
@@ -187,7 +188,7 @@ class ModelRuntime:
             spec = self._input_index.get(name)
             if spec is None:
                 raise errors.UnknownInput(
-                    f"model {self.model!r} has no input {name!r}; inputs: "
+                    f"model {self.model!r} has no input {brief(name)}; inputs: "
                     f"{', '.join(self._input_index)}")
             check_tensor(spec, array)
             check_symbols(spec, array, symbols)
@@ -197,7 +198,7 @@ class ModelRuntime:
         for name in outputs or ():
             if name not in self._output_names:
                 raise errors.UnknownOutput(
-                    f"model {self.model!r} has no output {name!r}; outputs: "
+                    f"model {self.model!r} has no output {brief(name)}; outputs: "
                     f"{', '.join(s.name for s in self.outputs)}")
 
     def run(self, inputs: dict[str, np.ndarray],
@@ -209,6 +210,10 @@ class ModelRuntime:
         try:
             results = self.session.run(names, inputs)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+            if "while running" in str(exc):  # "Non-zero status code returned while running
+                # Gather node ...": a node refused these values (an index out of range)
+                raise errors.ModelFailed(
+                    f"model {self.model!r} failed on these inputs: {exc}") from exc
             # ORT's own input checks, beyond what the signature says.
             raise errors.BadShape(f"model {self.model!r} rejected the inputs: {exc}") from exc
         except (ort.capi.onnxruntime_pybind11_state.Fail,

@@ -45,6 +45,7 @@ whole process group, and stopping is the supervisor's decision.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import logging
@@ -57,7 +58,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from shmcache import errors, protocol
 from shmcache.arena import WorkerArena
@@ -120,7 +121,9 @@ class Worker:
         self.preparing: set[tuple[str, int]] = set()
         self.live: dict[str, set[int]] = {m: set() for m in config.models}
         self.table = VersionTable.attach(config.version_table) if config.version_table else None
-        self.inflight = 0
+        self.inflight = 0  # requests read and not answered yet, running or queued
+        self.running = 0  # of those, handed to an inference thread (or running inline)
+        self.turns: collections.deque[ClientConnection] = collections.deque()  # have queued
         self.served = 0
         self.started = time.monotonic()
         self.connections: set[ClientConnection] = set()
@@ -249,11 +252,21 @@ class Worker:
             else:
                 self.start_infer(conn, request)
         except errors.RemoteError as exc:
-            self.request_stats.record(request.model or "", request.version or 0, exc.code, 0.0)
+            self.request_stats.record(*self.stats_labels(request), exc.code, 0.0)
             conn.send(protocol.error_reply(request.id, exc))
         except Exception as exc:  # a bug must cost one request, never the worker
             log.exception("request %d failed", request.id)
             conn.send(protocol.error_reply(request.id, exc))
+
+    def stats_labels(self, request: protocol.Request) -> tuple[str, int]:
+        """The model and version a refused request is counted under: only names and versions
+        this worker serves. A client's made-up names would otherwise each add a series that
+        rides on every heartbeat (100k of them outgrew the channel's frame limit and cost the
+        worker its supervisor) and a Prometheus label."""
+        versions = self.runtimes.get(request.model or "")
+        if versions is None:
+            return "", 0
+        return request.model or "", request.version if request.version in versions else 0
 
     def versions(self) -> dict[str, Any]:
         return {"versions": self.current_versions()}
@@ -309,18 +322,50 @@ class Worker:
                 f"(limit {self.config.max_inflight}); retry later")
         self.inflight += 1
         conn.inflight += 1
-        started = time.perf_counter()
+        job = Job(conn, request, runtime, time.perf_counter())
+        if self.running < self.config.concurrency and not self.turns:
+            self.dispatch(job)
+        else:
+            self.queue_for_its_turn(job)
+
+    def queue_for_its_turn(self, job: Job) -> None:
+        """Wait for a free inference thread, in turn with the other connections' requests:
+        a connection that pipelines many does not make everyone else wait behind them all."""
+        conn = job.conn
+        if not conn.queued:
+            self.turns.append(conn)
+        conn.queued.append(job)
+
+    def dispatch_next(self) -> None:
+        """Start queued requests on free threads, one per connection in turn."""
+        while self.running < self.config.concurrency and self.turns:
+            conn = self.turns.popleft()
+            job = conn.queued.popleft()
+            if conn.queued:
+                self.turns.append(conn)
+            self.dispatch(job)
+
+    def drop_queued(self, conn: ClientConnection) -> None:
+        """A connection that closed takes its requests not yet started with it."""
+        if conn.queued:
+            self.inflight -= len(conn.queued)
+            conn.queued.clear()
+            self.turns.remove(conn)
+
+    def dispatch(self, job: Job) -> None:
+        self.running += 1
         loop = asyncio.get_running_loop()
-        if self.run_inline(runtime):
+        if self.run_inline(job.runtime):
             future: asyncio.Future[Any] = loop.create_future()
             try:
-                future.set_result(runtime.run(request.inputs, request.outputs))
+                future.set_result(job.runtime.run(job.request.inputs, job.request.outputs))
             except Exception as exc:
                 future.set_exception(exc)
-            self.finish_infer(conn, request, runtime, started, future)
+            self.finish_infer(job, future)
             return
-        future = loop.run_in_executor(self.pool, runtime.run, request.inputs, request.outputs)
-        future.add_done_callback(lambda f: self.finish_infer(conn, request, runtime, started, f))
+        future = loop.run_in_executor(self.pool, job.runtime.run, job.request.inputs,
+                                      job.request.outputs)
+        future.add_done_callback(lambda f: self.finish_infer(job, f))
 
     def run_inline(self, runtime: ModelRuntime) -> bool:
         """Run on the loop thread when the model is known to answer in well under a millisecond
@@ -330,8 +375,9 @@ class Worker:
         return (self.config.concurrency == 1 and self.inflight == 1
                 and runtime.typical_seconds < INLINE_BELOW)
 
-    def finish_infer(self, conn: ClientConnection, request: protocol.Request,
-                     runtime: ModelRuntime, started: float, future: asyncio.Future[Any]) -> None:
+    def finish_infer(self, job: Job, future: asyncio.Future[Any]) -> None:
+        conn, request, runtime, started = job
+        self.running -= 1
         self.inflight -= 1
         conn.inflight -= 1
         self.served += 1
@@ -341,7 +387,7 @@ class Worker:
             pairs, compute = future.result()
             try:
                 reply = protocol.ok_infer(request.id, runtime.version, pairs, compute,
-                                          conn.arena, request.out)
+                                          conn.arena, request.out, self.config.max_frame)
             except Exception as unsendable:  # an output the wire cannot carry: this call's error
                 exc = unsendable
         elapsed = time.perf_counter() - started
@@ -354,7 +400,8 @@ class Worker:
                 log.error("inference on %s failed: %s", runtime.model, exc)
             reply = protocol.error_reply(request.id, exc)
         conn.send(reply)
-        conn.maybe_close()
+        self.dispatch_next()
+        conn.request_done()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -429,6 +476,15 @@ class Worker:
             runtime = self.runtimes.get(model, {}).pop(version, None)
             if runtime is not None:
                 release_in_thread(runtime, f"release-{model}-v{version}")
+
+
+class Job(NamedTuple):
+    """One inference request, from when it is read until it is answered."""
+
+    conn: ClientConnection
+    request: protocol.Request
+    runtime: ModelRuntime
+    started: float  # perf_counter when read: its latency counts the wait for a thread
 
 
 class Acceptor:
@@ -510,8 +566,8 @@ class Acceptor:
 class FramedConnection(asyncio.Protocol):
     """Frames in, frames out; a frame-level error closes the connection (msgpack Unpacker rule)."""
 
-    def __init__(self, max_frame: int) -> None:
-        self.decoder = protocol.FrameDecoder(max_frame)
+    def __init__(self, max_frame: int, requests: bool = False) -> None:
+        self.decoder = protocol.FrameDecoder(max_frame, requests)
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport: Any = None
 
@@ -525,6 +581,9 @@ class FramedConnection(asyncio.Protocol):
                 self.on_message(msg)
         except errors.RemoteError as exc:  # FrameTooLarge / Malformed: stream is untrustworthy
             self.send(protocol.error_reply(None, exc))
+            self.close_now()
+        except Exception:  # a bug costs this connection, said out loud (uvloop would be silent)
+            log.exception("closing a connection after an unexpected error reading from it")
             self.close_now()
 
     def on_message(self, msg: dict[str, Any]) -> None:
@@ -548,14 +607,29 @@ class FramedConnection(asyncio.Protocol):
 
 
 class ClientConnection(FramedConnection):
+    """One client's connection. Reading stops while any of these holds: the client does not
+    read its answers (write buffer full), an arena hand-off is under way, the connection is
+    finishing, or frames it sent wait unparsed in ``backlog`` because it already has
+    ``per_connection`` requests read and unanswered. So one pipelining client takes at most
+    half the worker's in-flight limit, and its requests waiting for a thread take turns with
+    everyone else's (``Worker.queue_for_its_turn``): 64 pipelined requests of 10 MB once
+    filled a worker and kept another client's one-row call waiting 3 s."""
+
     def __init__(self, worker: Worker) -> None:
-        super().__init__(worker.config.max_frame)
+        super().__init__(worker.config.max_frame, requests=True)
         self.worker = worker
         self.inflight = 0
         self.finishing = False
         self.arena: WorkerArena | None = None
         self.attaching: socket.socket | None = None  # our dup of the socket while an fd comes
         self.attach_timer: asyncio.TimerHandle | None = None
+        self.queued: collections.deque[Job] = collections.deque()  # read, waiting for a thread
+        self.backlog: collections.deque[dict[str, Any]] = collections.deque()  # not parsed yet
+        self.draining = False
+        self.write_paused = False
+        self.reading = True
+        # Half the worker's in-flight limit: the other half stays for everyone else.
+        self.per_connection = max(1, worker.config.max_inflight // 2)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -566,8 +640,29 @@ class ClientConnection(FramedConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         self.worker.connections.discard(self)
         self.transport = None
+        self.backlog.clear()  # nobody left to answer
+        self.worker.drop_queued(self)
         self.stop_attaching()
         self.set_arena(None)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: what it sent is still answered, then the connection
+        closes (True keeps our side open for the answers)."""
+        self.finish()
+        return True
+
+    def update_reading(self) -> None:
+        """Read while nothing in the class docstring says not to."""
+        if self.transport is None:
+            return
+        want = not (self.finishing or self.attaching is not None or self.write_paused
+                    or self.backlog)
+        if want != self.reading:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     # --- arena hand-off (shmcache.arena draws it) ---
 
@@ -579,8 +674,8 @@ class ClientConnection(FramedConnection):
         """
         if self.attaching is not None or self.transport is None:
             raise errors.Malformed("attach already in progress")
-        self.transport.pause_reading()
         self.attaching = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
+        self.update_reading()
         self.attaching.setblocking(False)
         loop = asyncio.get_running_loop()
         loop.add_reader(self.attaching.fileno(), self.receive_arena, rid)
@@ -595,6 +690,9 @@ class ClientConnection(FramedConnection):
             return
         except errors.Malformed as exc:  # too many fds: say so, then hang up
             self.send(protocol.error_reply(rid, exc))
+            data, fds = b"", []
+        except (ConnectionResetError, BrokenPipeError) as exc:  # the client's doing: quiet
+            log.debug("arena hand-off failed: %s", exc)
             data, fds = b"", []
         except OSError as exc:
             log.warning("arena hand-off failed: %s", exc)
@@ -614,11 +712,10 @@ class ClientConnection(FramedConnection):
         finally:
             for fd in fds:
                 os.close(fd)
-        if self.transport is not None and not self.finishing:
-            self.transport.resume_reading()
+        self.update_reading()
 
     def attach_timed_out(self) -> None:
-        log.warning("a client asked to attach an arena and sent no fd within %ss", ATTACH_TIMEOUT)
+        log.info("a client asked to attach an arena and sent no fd within %ss", ATTACH_TIMEOUT)
         self.stop_attaching()
         self.close_now()
 
@@ -641,8 +738,27 @@ class ClientConnection(FramedConnection):
         self.arena = arena
 
     def on_message(self, msg: dict[str, Any]) -> None:
-        if not self.finishing:
-            self.worker.handle(self, msg)
+        if self.finishing:
+            return
+        if self.backlog or self.inflight >= self.per_connection:
+            self.backlog.append(msg)  # the rest of what one read brought; reading stops
+            self.update_reading()
+            return
+        self.worker.handle(self, msg)
+
+    def request_done(self) -> None:
+        """One of this connection's requests was answered: start what waits behind it."""
+        if self.draining:  # answered inline, inside the loop below: it carries on
+            return
+        self.draining = True
+        try:
+            while self.backlog and self.inflight < self.per_connection \
+                    and self.transport is not None:
+                self.worker.handle(self, self.backlog.popleft())
+        finally:
+            self.draining = False
+        self.update_reading()
+        self.maybe_close()
 
     def after_send(self) -> None:
         if self.worker.inflight == 0:
@@ -650,22 +766,21 @@ class ClientConnection(FramedConnection):
 
     # Back-pressure: a client that does not read its answers stops being read from.
     def pause_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self.write_paused = True
+        self.update_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.finishing:
-            self.transport.resume_reading()
+        self.write_paused = False
+        self.update_reading()
 
     def finish(self) -> None:
         """Read nothing more; close once every request already read has been answered."""
         self.finishing = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self.update_reading()
         self.maybe_close()
 
     def maybe_close(self) -> None:
-        if self.finishing and self.inflight == 0:
+        if self.finishing and self.inflight == 0 and not self.backlog:
             self.close_now()
 
     def abort(self) -> None:

@@ -158,8 +158,35 @@ def frame_of(body: bytes) -> bytes:
     ],
 )
 def test_malformed_bodies(body: bytes) -> None:
-    with pytest.raises(errors.Malformed):
+    with pytest.raises(errors.Malformed) as info:
         protocol.FrameDecoder().feed(frame_of(body))
+    assert not info.value.message.endswith((": )", ": ", "()"))  # it says what was wrong
+
+
+@pytest.mark.parametrize("request_map", [
+    {"inputs": {f"x{i}": {} for i in range(protocol.MAX_REQUEST_ITEMS + 1)}},
+    {"outputs": ["y"] * (protocol.MAX_REQUEST_ITEMS + 1)},
+    {"model": "m" * (protocol.MAX_REQUEST_STR + 1)},
+])
+def test_requests_are_held_to_tighter_limits_than_responses(request_map: dict) -> None:
+    """A frame of millions of entries must not be built at all where requests are read; a
+    response (read by a client, from its own worker) may be as long as max_frame allows."""
+    frame = protocol.encode_frame({"v": 1, "id": 1, "op": "infer", **request_map})
+    assert len(protocol.FrameDecoder().feed(frame)) == 1
+    with pytest.raises(errors.Malformed):
+        protocol.FrameDecoder(requests=True).feed(frame)
+    at_limit = {k: (v[: protocol.MAX_REQUEST_STR] if isinstance(v, str)
+                    else dict(list(v.items())[:-1]) if isinstance(v, dict) else v[:-1])
+                for k, v in request_map.items()}
+    ok = protocol.encode_frame({"v": 1, "id": 1, "op": "infer", **at_limit})
+    assert len(protocol.FrameDecoder(requests=True).feed(ok)) == 1
+
+
+def test_errors_quote_at_most_a_little_of_what_was_sent() -> None:
+    with pytest.raises(errors.Malformed) as info:
+        protocol.parse_request({"v": 1, "id": 3, "op": "infer", "model": "m", "inputs": {},
+                                "outputs": [1] * 100_000})
+    assert len(info.value.message) < 400 and "characters)" in info.value.message
 
 
 @settings(max_examples=300, deadline=None)
@@ -217,6 +244,8 @@ def test_truncated_frame_stays_pending() -> None:
     ("msg", "exc"),
     [
         ({"v": 2, "id": 9, "op": "ping"}, errors.Malformed),
+        ({"v": 1.0, "id": 9, "op": "ping"}, errors.Malformed),  # equal to 1, not an int
+        ({"v": True, "id": 9, "op": "ping"}, errors.Malformed),
         ({"v": 1, "id": 9}, errors.Malformed),
         ({"v": 1, "id": 9, "op": "fly"}, errors.UnsupportedOp),
         ({"v": 1, "id": 9, "op": "infer", "inputs": {}}, errors.Malformed),

@@ -288,6 +288,23 @@ def unloadable_model() -> object:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def test_a_hung_worker_is_killed_replaced_and_counted(tmp_path: Path) -> None:
+    """A worker that stops answering (SIGSTOP: no heartbeat) is killed and replaced, and the
+    restart is counted like a crash's (its exit used to read as a stop the daemon asked for)."""
+    d = Daemon(tmp_path, {"m": models.save(models.mlp(), tmp_path / "m.onnx")}, workers=1,
+               extra=["--heartbeat-timeout", "2", "--standby", "0"]).wait_ready()
+    try:
+        (hung,) = d.worker_pids()
+        os.kill(hung, signal.SIGSTOP)
+        wait_until(lambda: hung not in d.worker_pids(None) and len(d.worker_pids()) == 1, 60,
+                   "hung worker replaced")
+        assert d.status()["restarts"] == 1
+        assert f"worker {hung} silent for" in d.log_text()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def test_boot_loop_stops_the_daemon_with_the_reason(tmp_path: Path) -> None:
     path = models.save(unloadable_model(), tmp_path / "unloadable.onnx")  # type: ignore[arg-type]
     d = Daemon(tmp_path, {"bad": path}, workers=1)

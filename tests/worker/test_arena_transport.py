@@ -9,6 +9,7 @@ no fd, and leaves the connection (or at least the worker) serving.
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import socket
 import struct
@@ -236,3 +237,29 @@ def test_an_output_region_outside_the_arena_is_one_bad_request(
                 reply = read_frame(sock)
                 assert reply["id"] == rid and reply["error"]["code"] == "malformed", reply
             assert ping_ok(sock)
+
+
+F_SEAL_FUTURE_WRITE = 0x10  # Linux 5.1; not in Python's fcntl module
+
+
+def test_an_arena_the_worker_cannot_map_again_is_one_bad_request(
+        worker: tuple[WorkerProcess, dict[str, Path]]) -> None:
+    """The client seals its memfd against new writable mappings, then grows it: the worker's
+    remap fails with an OSError, which is that request's malformed, not a silent hang-up."""
+    w, _ = worker
+    fd = os.memfd_create("shmcache-arena", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 1 << 16)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        with connect(w.socket_path) as sock:
+            assert attach(sock, [fd])["ok"] is True
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
+            os.ftruncate(fd, 1 << 20)
+            msg = protocol.make_request(5, "infer", model="echo", inputs=None)
+            msg["inputs"] = {"x": protocol.tensor_ref("float32", [16], 1 << 19, 64)}
+            sock.sendall(protocol.encode_frame(msg))
+            reply = read_frame(sock)
+            assert reply["id"] == 5 and reply["error"]["code"] == "malformed", reply
+            assert ping_ok(sock)
+    finally:
+        os.close(fd)

@@ -143,6 +143,21 @@ def test_string_tensors_get_errors_that_name_them(tmp_path: Path) -> None:
         assert client.ping()["ready"] is True
 
 
+def test_an_index_out_of_range_is_the_model_failing_not_a_bad_shape(tmp_path: Path) -> None:
+    """ORT reports a node refusing its values as InvalidArgument, like its own input checks:
+    "while running" tells them apart."""
+    path = models.save(models.embedding(), tmp_path / "e.onnx")
+    with running_worker(tmp_path, {"e": path}) as worker, \
+            shmcache.Client(str(worker.socket_path)) as client:
+        (y,) = client.run("e", None, {"ids": np.array([0, 9], np.int64)})
+        assert y.shape == (2, 4)
+        with pytest.raises(errors.ModelFailed, match="Gather"):
+            client.run("e", None, {"ids": np.array([0, 10], np.int64)})
+        with pytest.raises(errors.BadDtype):
+            client.run("e", None, {"ids": np.array([0], np.int32)})
+        assert client.ping()["ready"] is True
+
+
 ERROR_CASES = [
     (errors.UnknownModel, dict(model="nope", inputs={"x": np.zeros((1, 32), np.float32)})),
     (errors.UnknownInput, dict(model="mlp_matmul", inputs={"x": np.zeros((1, 32), np.float32),
@@ -300,18 +315,175 @@ def test_pipelined_requests_on_one_connection(busy_worker: tuple[WorkerProcess, 
 
 
 def test_overload_is_refused_at_once_not_queued(busy_worker: tuple[WorkerProcess, Path]) -> None:
+    """Ten connections, one call each, on a worker that takes four at a time: the rest are
+    refused (overloaded), not queued."""
     worker, _ = busy_worker
+    results: list[object] = []
+    all_connected = threading.Barrier(10)
 
-    async def main() -> list[object]:
-        async with shmcache.AsyncClient(str(worker.socket_path), timeout=60) as client:
-            calls = [client.run("slow", None, slow_feed()) for _ in range(12)]
-            return await asyncio.gather(*calls, return_exceptions=True)
+    def one_call() -> None:
+        with shmcache.Client(str(worker.socket_path), timeout=60) as client:
+            client.ping()  # connected (accepting is paced), then all call at once
+            all_connected.wait(60)
+            try:
+                results.append(client.run("slow", None, slow_feed()))
+            except errors.Overloaded as exc:
+                results.append(exc)
 
-    results = asyncio.run(main())
+    threads = [threading.Thread(target=one_call) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
     refused = [r for r in results if isinstance(r, errors.Overloaded)]
     served = [r for r in results if isinstance(r, list)]
     assert len(refused) >= 1 and len(served) >= 4
-    assert len(refused) + len(served) == 12
+    assert len(refused) + len(served) == 10
+
+
+class RawClient:
+    """A client speaking the protocol by hand: pipelines frames, reads replies in order."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = raw_connect(path)
+        self.sock.settimeout(60)
+        self.decoder = protocol.FrameDecoder()
+        self.pending: list[dict] = []
+
+    def send(self, *requests: dict) -> None:
+        self.sock.sendall(b"".join(protocol.encode_frame(r) for r in requests))
+
+    def send_in_background(self, *requests: dict) -> threading.Thread:
+        """For more than the socket buffers hold: the worker reads on only as we read."""
+        sender = threading.Thread(target=self.send, args=requests, daemon=True)
+        sender.start()
+        return sender
+
+    def reply(self) -> dict | None:
+        while not self.pending:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                return None
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_one_pipelining_connection_waits_its_turn(busy_worker: tuple[WorkerProcess, Path]) -> None:
+    """Twelve requests pipelined on one connection are all served (none refused: the worker
+    reads on as they finish), and a call from another client waits behind at most a few of
+    them, not the whole pile."""
+    worker, _ = busy_worker
+    hog = RawClient(worker.socket_path)
+    try:
+        sender = hog.send_in_background(*(
+            protocol.make_request(i, "infer", model="slow", inputs=slow_feed(256))
+            for i in range(12)))
+        answered = [hog.reply()]  # the worker is busy with the hog's requests now
+        with shmcache.Client(str(worker.socket_path), timeout=60) as bystander:
+            bystander.run("echo", None, {"x": np.ones(4, np.float32)})
+        hog_answers_before = len(answered) + len(hog.pending)
+        answered += [hog.reply() for _ in range(11)]
+        sender.join(60)
+    finally:
+        hog.close()
+    assert [r and r["ok"] for r in answered] == [True] * 12, answered
+    assert sorted(r["id"] for r in answered if r) == list(range(12))
+    assert hog_answers_before < 6  # without the per-connection bound: behind all 12 queued
+
+
+def test_a_half_closed_connection_gets_every_answer(busy_worker: tuple[WorkerProcess, Path]) -> None:
+    worker, _ = busy_worker
+    client = RawClient(worker.socket_path)
+    try:
+        client.send(protocol.make_request(0, "ping"),
+                    *(protocol.make_request(i, "infer", model="slow", inputs=slow_feed(8))
+                      for i in range(1, 6)))
+        client.sock.shutdown(socket.SHUT_WR)
+        replies = [client.reply() for _ in range(6)]
+        assert client.reply() is None  # then the worker closes
+    finally:
+        client.close()
+    assert [r and (r["id"], r["ok"]) for r in replies] == [(i, True) for i in range(6)]
+
+
+@pytest.mark.parametrize("request_map", [
+    {"inputs": {f"x{i}": {"dtype": "float32", "shape": [0], "data": b""} for i in range(2000)}},
+    {"outputs": ["y"] * 2000},
+    {"model": "m" * 100_000},
+], ids=["2000 inputs", "2000 outputs", "100 KB name"])
+def test_a_request_beyond_the_protocol_limits_closes_only_its_connection(
+    busy_worker: tuple[WorkerProcess, Path], request_map: dict
+) -> None:
+    """Millions of entries once held a worker's loop for 30 s (killed as hung): past
+    MAX_REQUEST_ITEMS entries or MAX_REQUEST_STR bytes a frame is unreadable at once."""
+    worker, _ = busy_worker
+    hostile = RawClient(worker.socket_path)
+    bystander = RawClient(worker.socket_path)
+    try:
+        hostile.send({**protocol.make_request(1, "infer", model="echo", inputs={}), **request_map})
+        reply = hostile.reply()
+        assert reply is not None and reply["error"]["code"] == "malformed" and reply["id"] is None
+        assert len(reply["error"]["message"]) < 1000
+        assert hostile.reply() is None
+        bystander.send(protocol.make_request(2, "ping"))
+        assert (bystander.reply() or {}).get("ok") is True
+    finally:
+        hostile.close()
+        bystander.close()
+
+
+def test_outputs_asked_for_over_and_over_are_refused_not_packed(
+    busy_worker: tuple[WorkerProcess, Path]
+) -> None:
+    """ORT returns an output named 1000 times as 1000 arrays; packed inline they would make
+    a frame of 1000 x its size. Past max_frame (272 MiB): frame_too_large on the id."""
+    worker, _ = busy_worker
+    x = np.ones(2**18, np.float32)  # 1 MiB out per name
+    client = RawClient(worker.socket_path)
+    try:
+        client.send(protocol.make_request(3, "infer", model="echo", inputs={"x": x},
+                                          outputs=["y"] * 300))
+        reply = client.reply()
+        assert reply is not None and reply["id"] == 3
+        assert reply["error"]["code"] == "frame_too_large", reply["error"]
+        client.send(protocol.make_request(4, "infer", model="echo", inputs={"x": x},
+                                          outputs=["y"] * 3))
+        reply = client.reply()
+        assert reply is not None and reply["ok"] and len(reply["outputs"]) == 3
+    finally:
+        client.close()
+
+
+def test_made_up_names_and_versions_are_counted_under_one_label(
+    busy_worker: tuple[WorkerProcess, Path]
+) -> None:
+    """Request counts ride on the heartbeat: a client's made-up model names and versions must
+    not each add a series (100k of them once cost a worker its supervisor)."""
+    worker, _ = busy_worker
+    client = RawClient(worker.socket_path)
+    try:
+        client.send(*(protocol.make_request(i, "infer", model=f"nope-{i}", inputs={})
+                      for i in range(200)),
+                    *(protocol.make_request(1000 + i, "infer", model="echo", version=50 + i,
+                                            inputs={"x": np.ones(1, np.float32)})
+                      for i in range(100)))
+        codes = [(client.reply() or {}).get("error", {}).get("code") for _ in range(300)]
+    finally:
+        client.close()
+    assert codes == ["unknown_model"] * 200 + ["not_found"] * 100
+    deadline = time.monotonic() + 10
+    while True:
+        beat = worker.wait_for("beat")
+        rows = beat["requests"]["requests"]
+        if sum(n for _, _, code, n in rows if code == "not_found") >= 100 or \
+                time.monotonic() > deadline:
+            break
+    labels = {(model, version) for model, version, _, _ in rows}
+    assert ("", 0) in labels and ("echo", 0) in labels
+    assert all(model in ("", "slow", "echo") and version in (0, 1) for model, version in labels)
 
 
 def test_ping_answers_while_a_model_computes(busy_worker: tuple[WorkerProcess, Path]) -> None:
