@@ -8,8 +8,16 @@ Shared semantics:
   mid-call (the worker was restarted, say) they are resent once on a fresh connection, inside
   the caller's remaining timeout; any other op raises ``ConnectionFailed`` at once;
 * a ``not_ready`` answer is retried with a short backoff (20 ms doubling to 200 ms) until the
-  timeout, then ``NotReady`` is raised;
+  timeout, then ``NotReady`` is raised; ``AsyncClient``, which puts many requests on one worker
+  at once, retries ``overloaded`` the same way;
+* ``run`` takes ``onnxruntime.InferenceSession.run``'s arguments: a feed given as a list or a
+  Python scalar becomes an array of the input's declared type (asked of the daemon once per
+  model), while an ndarray or numpy scalar is sent as it is (a wrong dtype is an error, as in
+  ONNX Runtime); ``run_options`` must be None;
 * daemon errors come back as the exception class ``errors.error_from_code`` names.
+
+A connection belongs to the process that opened it: after ``os.fork()`` the child closes its
+copies of the parent's sockets and memfds (sending nothing on them) and connects afresh.
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ from shmcache.paths import default_socket_path
 
 _BACKOFF_START = 0.020
 _BACKOFF_MAX = 0.200
+# AsyncClient's requests in flight on its one connection. A worker answers ``overloaded`` past
+# its --max-inflight (default 64, shared by all its connections): 200 unbounded concurrent
+# calls got 115 of them. 32 keeps a worker busy while leaving room for other clients.
+_DEFAULT_MAX_IN_FLIGHT = 32
 # A thread keeps a receive buffer this big between calls; larger answers get a one-off buffer
 # so one huge tensor does not pin hundreds of MiB per thread forever.
 _KEEP_BUFFER = 1024 * 1024
@@ -81,10 +93,68 @@ def _infer_fields(
     input_feed: Mapping[str, Any],
     version: int | None,
 ) -> dict[str, Any]:
-    # Like onnxruntime: lists and scalars are accepted and become arrays.
+    if isinstance(output_names, (str, bytes)):
+        # list("probs") would ask for outputs 'p', 'r', ...; onnxruntime raises TypeError too.
+        raise TypeError(f"output_names must be a list of names or None, not {output_names!r} "
+                        f"(for one output, pass [{output_names!r}])")
+    # A feed not typed by then (unknown model or input) becomes numpy's default array; the
+    # worker names what is wrong with it.
     inputs = {name: protocol.as_c_contiguous(np.asarray(v)) for name, v in input_feed.items()}
     outputs = list(output_names) if output_names is not None else None
     return {"model": model, "inputs": inputs, "outputs": outputs, "version": version}
+
+
+def _check_run_options(run_options: object) -> None:
+    """Refuse what the daemon cannot honour: the model runs in a worker with the worker's own
+    ``RunOptions`` (log levels, ``terminate``, config entries), and the protocol carries none."""
+    if run_options is None:
+        return
+    # Duck-typed: importing onnxruntime would make the client as heavy as the worker.
+    if hasattr(run_options, "add_run_config_entry"):
+        raise ValueError("run_options is not supported by the shmcache daemon: the model runs in "
+                         "a worker process with the worker's run options; pass None")
+    raise TypeError(f"run_options must be None (shmcache does not support onnxruntime.RunOptions), "
+                    f"got {type(run_options).__name__}")
+
+
+def _is_typed(value: object) -> bool:
+    # An ndarray or numpy scalar says its dtype; like onnxruntime, a wrong one is an error (the
+    # worker's bad_dtype), never a silent cast.
+    return isinstance(value, (np.ndarray, np.generic))
+
+
+def _all_typed(input_feed: Mapping[str, Any]) -> bool:
+    return all(_is_typed(v) for v in input_feed.values())
+
+
+def _declared_input_dtypes(models: list[ModelInfo]) -> dict[str, dict[str, np.dtype[Any]]]:
+    """model -> input -> declared dtype, for the inputs whose type the wire can carry."""
+    return {m.name: {t.name: np.dtype(t.dtype) for t in m.inputs if t.dtype in protocol.ALLOWED_DTYPES}
+            for m in models}
+
+
+def _with_declared_dtypes(input_feed: Mapping[str, Any],
+                          dtypes: Mapping[str, np.dtype[Any]]) -> dict[str, Any]:
+    """Untyped feeds (lists, Python scalars) as arrays of their input's declared type, as
+    onnxruntime converts them: ``np.asarray`` alone would make float64 of Python floats."""
+    return {name: np.asarray(v, dtypes[name]) if not _is_typed(v) and name in dtypes else v
+            for name, v in input_feed.items()}
+
+
+class _Backoff:
+    """Delays between retries of an answer that says "later" (``not_ready``, ``overloaded``):
+    20 ms doubling to 200 ms, and None once the next one would end past the deadline."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.delay = _BACKOFF_START
+
+    def next_delay(self) -> float | None:
+        delay = self.delay
+        if time.monotonic() + delay >= self.deadline:
+            return None
+        self.delay = min(delay * 2, _BACKOFF_MAX)
+        return delay
 
 
 def _models_from_reply(reply: dict[str, Any]) -> list[ModelInfo]:
@@ -118,6 +188,7 @@ class _Connection:
 
     def __init__(self, path: str, max_frame: int, connect_timeout: float,
                  spin: float = 0.0, shared_memory: bool = True) -> None:
+        self.pid = os.getpid()  # a forked child must not shut this socket down
         self.max_frame = max_frame
         self.spin = spin
         self.ids = itertools.count(1)
@@ -132,17 +203,58 @@ class _Connection:
         # Close quietly when the owning thread dies and its threading.local is cleared, so
         # short-lived threads do not leak sockets (nor ResourceWarnings) until Client.close().
         self._finalizer = weakref.finalize(self, _close_all, self._owned)
+        # Client.close() runs on another thread than the one calling: see close().
+        self._state = threading.Lock()
+        self.in_call = False
+        self.closed = False
 
     def close(self) -> None:
+        """Close from any thread. A call in flight on the owning thread is woken, not left to
+        poll a closed fd until its timeout (probe p24): the socket is shut down, the call sees
+        EOF and closes the fds as it leaves, so no fd number is reused under its feet."""
+        with self._state:
+            self.closed = True
+            if self.in_call and self.pid == os.getpid():
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already shut down, or the peer is gone: the call fails anyway
+                return
         self._finalizer()
 
+    def abandon(self) -> None:
+        """In a forked child: close this process's copies of the fds and nothing else, since
+        shutting the socket down or sending on it would break the parent's connection."""
+        self.closed = True
+        self._finalizer()
+
+    def enter_call(self) -> bool:
+        """Mark a call in flight, so that close() wakes it; False if closed already (the
+        caller then uses a fresh connection: nothing was sent on this one)."""
+        with self._state:
+            if self.closed:
+                return False
+            self.in_call = True
+            return True
+
     def request(self, op: str, fields: dict[str, object], deadline: float) -> dict[str, Any]:
-        """Send one request (through the arena when worth it) and return its reply."""
-        if op == "infer" and not self.arena_refused:
-            layout = self._arena_layout(fields)
-            if layout is not None and self._arena_ready(layout[-1], deadline):
-                return self._infer_through_arena(fields, layout, deadline)
-        return self.call(protocol.make_request(next(self.ids), op, **fields), deadline)
+        """Send one request (through the arena when worth it) and return its reply; the
+        call must have been entered (``enter_call``), and is left here."""
+        try:
+            if op == "infer" and not self.arena_refused:
+                layout = self._arena_layout(fields)
+                if layout is not None and self._arena_ready(layout[-1], deadline):
+                    return self._infer_through_arena(fields, layout, deadline)
+            return self.call(protocol.make_request(next(self.ids), op, **fields), deadline)
+        finally:
+            self._leave_call()
+
+    def _leave_call(self) -> None:
+        with self._state:
+            self.in_call = False
+            closed = self.closed
+        if closed:  # close() came during the call and left the fds to us
+            self._finalizer()
 
     def call(self, msg: dict[str, Any], deadline: float) -> dict[str, Any]:
         self._send(protocol.encode_frame_parts(msg, self.max_frame), deadline)
@@ -359,6 +471,10 @@ class Client:
     (``shmcache.arena``): each byte is copied once on each side instead of four times, and
     no 64 KiB read wakes anybody. Each thread's connection keeps its arena, as big as its
     largest call, until it closes.
+
+    Fork: a child process never uses the connections it inherited (answers to the parent's
+    requests would come to both, and the arena is the same memory); it closes its copies and
+    connects afresh on its first call.
     """
 
     def __init__(
@@ -380,6 +496,8 @@ class Client:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._input_dtypes: dict[str, dict[str, np.dtype[Any]]] = {}  # filled by _typed_feed
+        _LIVE_CLIENTS.add(self)
 
     # -- public API --
 
@@ -388,22 +506,39 @@ class Client:
         model: str,
         output_names: list[str] | None,
         input_feed: Mapping[str, Any],
+        run_options: object = None,
         *,
         version: int | None = None,
     ) -> list[np.ndarray]:
-        """Like ``onnxruntime.InferenceSession.run``; ``output_names`` None means all."""
-        return self.run_with_version(model, output_names, input_feed, version=version)[0]
+        """Like ``onnxruntime.InferenceSession.run``; ``output_names`` None means all.
+
+        A feed given as a list or Python scalar becomes an array of the input's declared
+        type; an ndarray (or numpy scalar) is sent as it is, and a wrong dtype raises
+        ``BadDtype``. ``run_options`` must be None: the model runs in a worker with the
+        worker's own options, so an ``onnxruntime.RunOptions`` raises ValueError and anything
+        else TypeError. ``output_names`` given as a single string raises TypeError.
+        """
+        return self.run_with_version(model, output_names, input_feed, run_options,
+                                     version=version)[0]
 
     def run_with_version(
         self,
         model: str,
         output_names: list[str] | None,
         input_feed: Mapping[str, Any],
+        run_options: object = None,
         *,
         version: int | None = None,
     ) -> tuple[list[np.ndarray], int]:
         """``run`` plus the weight version that computed the answer."""
-        reply = self.request("infer", **_infer_fields(model, output_names, input_feed, version))
+        _check_run_options(run_options)
+        feed = self._typed_feed(model, input_feed)
+        try:
+            reply = self.request("infer", **_infer_fields(model, output_names, feed, version))
+        except errors.BadDtype:
+            if feed is not input_feed:  # a publish may have changed the signature we cached
+                self._input_dtypes.pop(model, None)
+            raise
         result = protocol.outputs_from_reply(reply), _version_of(reply)
         self._local.last_version = result[1]
         self._local.last_compute = protocol.compute_of(reply)
@@ -432,24 +567,29 @@ class Client:
     def request(self, op: str, **fields: object) -> dict[str, Any]:
         """Send any op (e.g. a control op from the CLI) and return the successful response map."""
         deadline = time.monotonic() + self.timeout
-        delay = _BACKOFF_START
+        backoff = _Backoff(deadline)
         while True:
             try:
                 return protocol.check_reply(self._call(op, fields, deadline))
             except errors.NotReady:
-                if time.monotonic() + delay >= deadline:
+                delay = backoff.next_delay()
+                if delay is None:
                     raise
                 time.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
 
     def close(self) -> None:
-        """Close every thread's connection."""
+        """Close every thread's connection. A call in flight on another thread fails at once
+        with ``ConnectionFailed`` ("client closed"), and is not resent; later calls connect
+        afresh."""
+        # A new threading.local first: a thread looking for its connection from now on
+        # connects afresh instead of finding one that is being closed.
+        self._local = threading.local()
         with self._lock:
             conns = list(self._conns)
             self._conns.clear()
         for conn in conns:
             conn.close()
-        self._local = threading.local()
+        self._input_dtypes.clear()  # a later call may reach another daemon
 
     def __enter__(self) -> Client:
         return self
@@ -460,6 +600,17 @@ class Client:
         self.close()
 
     # -- internals --
+
+    def _typed_feed(self, model: str, input_feed: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``input_feed`` itself when every feed is typed; else untyped feeds converted to the
+        declared types, which the first such call for a model asks the daemon for."""
+        if _all_typed(input_feed):
+            return input_feed
+        dtypes = self._input_dtypes.get(model)
+        if dtypes is None:
+            self._input_dtypes.update(_declared_input_dtypes(self.models()))
+            dtypes = self._input_dtypes.get(model, {})  # unknown: the infer says so
+        return _with_declared_dtypes(input_feed, dtypes)
 
     def _call(self, op: str, fields: dict[str, object], deadline: float) -> dict[str, Any]:
         attempts = 2 if op in protocol.IDEMPOTENT_OPS else 1
@@ -472,7 +623,11 @@ class Client:
                 self._drop(conn)  # a late answer would arrive on it; start clean
                 raise errors.Timeout(f"no answer to {op!r} within {self.timeout}s") from exc
             except (OSError, EOFError) as exc:
+                closed_by_client = conn is not None and conn.closed  # before _drop closes it
                 self._drop(conn)
+                if closed_by_client:  # not resent: the caller asked for the connection to go
+                    raise errors.ConnectionFailed(
+                        f"{self.socket_path}: client closed while the call was in flight") from exc
                 if attempt + 1 == attempts or time.monotonic() >= deadline:
                     raise _connection_failed(self.socket_path, exc) from exc
             except (errors.Malformed, errors.FrameTooLarge):
@@ -481,14 +636,17 @@ class Client:
         raise AssertionError("unreachable")
 
     def _connection(self, deadline: float) -> _Connection:
+        """This thread's connection, with a call entered on it (``_Connection.enter_call``)."""
         conn: _Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            timeout = min(self.connect_timeout, _remaining(deadline))
-            conn = _Connection(self.socket_path, self.max_frame, timeout, self.spin,
-                               self.shared_memory)
-            self._local.conn = conn
-            with self._lock:
-                self._conns.add(conn)
+        if conn is not None and conn.enter_call():
+            return conn
+        timeout = min(self.connect_timeout, _remaining(deadline))
+        conn = _Connection(self.socket_path, self.max_frame, timeout, self.spin,
+                           self.shared_memory)
+        conn.enter_call()  # before close() can see it, so that close() wakes this call
+        self._local.conn = conn
+        with self._lock:
+            self._conns.add(conn)
         return conn
 
     def _drop(self, conn: _Connection | None) -> None:
@@ -497,6 +655,28 @@ class Client:
             with self._lock:
                 self._conns.discard(conn)
         self._local.conn = None
+
+    def _forget_inherited_connections(self) -> None:
+        """In a forked child: start with no connection, closing only our copies of the
+        parent's fds (probe p6: sharing them gave 1-2 wrong answers per 100 calls)."""
+        self._lock = threading.Lock()  # another parent thread may have held it at the fork
+        conns, self._conns = list(self._conns), weakref.WeakSet()
+        self._local = threading.local()
+        for conn in conns:
+            conn.abandon()
+
+
+# Every live Client, for the one at-fork hook below: hooks cannot be unregistered, so one per
+# Client would keep each alive (and run for it) forever.
+_LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _forget_connections_after_fork() -> None:
+    for client in list(_LIVE_CLIENTS):
+        client._forget_inherited_connections()
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 
 # --- asyncio client ------------------------------------------------------------------------
@@ -571,6 +751,11 @@ class AsyncClient:
     (the protocol's ``data_received``) resolves each request's future by id, so answers may
     come back in any order.  If the connection breaks, every waiting request fails; each
     idempotent one is resent once on a fresh connection before ``ConnectionFailed`` is raised.
+
+    At most ``max_in_flight`` requests (default 32) are on the connection at once; more tasks
+    wait their turn, within their timeout. A worker holds a bounded number of requests for all
+    its connections (``--max-inflight``) and refuses the rest with ``overloaded``, which is
+    retried with the ``not_ready`` backoff until the timeout, then raised.
     """
 
     def __init__(
@@ -580,16 +765,23 @@ class AsyncClient:
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         max_frame: int = protocol.DEFAULT_MAX_FRAME,
+        max_in_flight: int = _DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.socket_path = os.fspath(socket_path if socket_path is not None else default_socket_path())
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
+        self.max_in_flight = max_in_flight
         self.last_version: int | None = None
         self.last_compute_seconds: float | None = None  # see Client.last_compute_seconds
         self._ids = itertools.count(1)
         self._proto: _ClientProtocol | None = None
         self._connect_lock: asyncio.Lock | None = None
+        self._slots = asyncio.Semaphore(max_in_flight)  # binds to a loop on first use
+        self._input_dtypes: dict[str, dict[str, np.dtype[Any]]] = {}  # see Client._typed_feed
+        self._dtypes_lock = asyncio.Lock()
 
     async def connect(self) -> None:
         """Connect now instead of on the first call (to fail fast at startup)."""
@@ -600,22 +792,33 @@ class AsyncClient:
         model: str,
         output_names: list[str] | None,
         input_feed: Mapping[str, Any],
+        run_options: object = None,
         *,
         version: int | None = None,
     ) -> list[np.ndarray]:
-        """Like ``onnxruntime.InferenceSession.run``; ``output_names`` None means all."""
-        return (await self.run_with_version(model, output_names, input_feed, version=version))[0]
+        """Like ``onnxruntime.InferenceSession.run``; ``output_names`` None means all. Feeds,
+        ``run_options`` and ``output_names`` are checked as by ``Client.run``."""
+        return (await self.run_with_version(model, output_names, input_feed, run_options,
+                                            version=version))[0]
 
     async def run_with_version(
         self,
         model: str,
         output_names: list[str] | None,
         input_feed: Mapping[str, Any],
+        run_options: object = None,
         *,
         version: int | None = None,
     ) -> tuple[list[np.ndarray], int]:
         """``run`` plus the weight version that computed the answer."""
-        reply = await self.request("infer", **_infer_fields(model, output_names, input_feed, version))
+        _check_run_options(run_options)
+        feed = await self._typed_feed(model, input_feed)
+        try:
+            reply = await self.request("infer", **_infer_fields(model, output_names, feed, version))
+        except errors.BadDtype:
+            if feed is not input_feed:  # a publish may have changed the signature we cached
+                self._input_dtypes.pop(model, None)
+            raise
         result = protocol.outputs_from_reply(reply), _version_of(reply)
         self.last_version = result[1]
         self.last_compute_seconds = protocol.compute_of(reply)
@@ -633,15 +836,15 @@ class AsyncClient:
     async def request(self, op: str, **fields: object) -> dict[str, Any]:
         """Send any op and return the successful response map."""
         deadline = time.monotonic() + self.timeout
-        delay = _BACKOFF_START
+        backoff = _Backoff(deadline)
         while True:
             try:
                 return protocol.check_reply(await self._call(op, fields, deadline))
-            except errors.NotReady:
-                if time.monotonic() + delay >= deadline:
+            except (errors.NotReady, errors.Overloaded):  # overloaded: refused before running
+                delay = backoff.next_delay()
+                if delay is None:
                     raise
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
 
     async def close(self) -> None:
         """Close the connection; requests still in flight fail with ConnectionFailed.
@@ -650,6 +853,7 @@ class AsyncClient:
         caller asked for the connection to go away.  A later call connects afresh.
         """
         proto, self._proto = self._proto, None
+        self._input_dtypes.clear()  # a later call may reach another daemon
         if proto is not None:
             proto.fail_all(errors.ConnectionFailed("client closed"))
             if proto.transport is not None:
@@ -665,6 +869,18 @@ class AsyncClient:
 
     # -- internals --
 
+    async def _typed_feed(self, model: str, input_feed: Mapping[str, Any]) -> Mapping[str, Any]:
+        """As ``Client._typed_feed``; concurrent first calls for a model ask the daemon once."""
+        if _all_typed(input_feed):
+            return input_feed
+        dtypes = self._input_dtypes.get(model)
+        if dtypes is None:
+            async with self._dtypes_lock:
+                if model not in self._input_dtypes:
+                    self._input_dtypes.update(_declared_input_dtypes(await self.models()))
+            dtypes = self._input_dtypes.get(model, {})  # unknown: the infer says so
+        return _with_declared_dtypes(input_feed, dtypes)
+
     async def _call(self, op: str, fields: dict[str, object], deadline: float) -> dict[str, Any]:
         attempts = 2 if op in protocol.IDEMPOTENT_OPS else 1
         for attempt in range(attempts):
@@ -678,18 +894,19 @@ class AsyncClient:
         raise AssertionError("unreachable")
 
     async def _call_once(self, op: str, fields: dict[str, object], deadline: float) -> dict[str, Any]:
-        proto = await self._connection(deadline)
-        rid = next(self._ids)
-        parts = protocol.encode_frame_parts(protocol.make_request(rid, op, **fields), self.max_frame)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        proto.pending[rid] = fut
-        try:
-            assert proto.transport is not None
-            proto.transport.writelines(parts)
-            await proto.drain()
-            return await fut
-        finally:
-            proto.pending.pop(rid, None)  # timed out or cancelled: a late answer is dropped
+        async with self._slots:  # waiting for a slot counts against the caller's deadline
+            proto = await self._connection(deadline)
+            rid = next(self._ids)
+            parts = protocol.encode_frame_parts(protocol.make_request(rid, op, **fields), self.max_frame)
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            proto.pending[rid] = fut
+            try:
+                assert proto.transport is not None
+                proto.transport.writelines(parts)
+                await proto.drain()
+                return await fut
+            finally:
+                proto.pending.pop(rid, None)  # timed out or cancelled: a late answer is dropped
 
     async def _connection(self, deadline: float) -> _ClientProtocol:
         proto = self._proto

@@ -1,4 +1,5 @@
-"""Client and AsyncClient against tests/fakeserver.py in its own process, over a real socket."""
+"""Client and AsyncClient against tests/fakeserver.py in its own process, over a real socket,
+and, where the fake cannot stand in (arenas, dtype checks, overload), against a real worker."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 
 from shmcache import AsyncClient, Client, ModelInfo, errors, protocol
+from tests import models
+from tests.worker.harness import WorkerProcess, running_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKESERVER = ROOT / "tests" / "fakeserver.py"
@@ -82,6 +85,22 @@ def client(server: FakeServer) -> Iterator[Client]:
         yield c
 
 
+# A real worker answers overloaded past this many requests in flight.
+REAL_MAX_INFLIGHT = 4
+
+
+@pytest.fixture(scope="module")
+def real_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """One worker process (no supervisor) serving echo (arena-sized round trips), int_and_half
+    (int32 and float16 inputs) and slow (a few ms a call, to fill the worker)."""
+    tmp = tmp_path_factory.mktemp("client-worker")
+    paths = {"echo": models.save(models.echo(), tmp / "echo.onnx"),
+             "int_and_half": models.save(models.int_and_half(), tmp / "int_and_half.onnx"),
+             "slow": models.save(models.slow(), tmp / "slow.onnx")}
+    with running_worker(tmp, paths, max_inflight=REAL_MAX_INFLIGHT) as worker:
+        yield worker
+
+
 # --- blocking client ------------------------------------------------------------------------
 
 
@@ -99,6 +118,7 @@ def test_run_with_version_and_python_inputs(client: Client) -> None:
     outs, version = client.run_with_version("add_one", ["y"], {"x": [[1.5, 2.5]]})
     assert version == 7
     np.testing.assert_array_equal(outs[0], [[2.5, 3.5]])
+    assert outs[0].dtype == np.float32  # x is declared float32; numpy alone makes float64
     (scalar,) = client.run("add_one", ["y"], {"x": np.int64(4)})
     assert scalar.shape == () and scalar == 5
 
@@ -111,6 +131,88 @@ def test_large_tensor_round_trip(client: Client) -> None:
     np.testing.assert_array_equal(y, x + 1)
     (y,) = client.run("add_one", ["y"], {"x": x[:2]})  # shrinks the buffer again
     np.testing.assert_array_equal(y, x[:2] + 1)
+
+
+def test_list_feeds_take_the_declared_dtype_and_arrays_are_not_cast(real_worker: WorkerProcess) -> None:
+    """As onnxruntime: a list becomes the input's declared type (int32 and float16 here, which
+    the worker checks); an ndarray of another dtype stays an error."""
+    ints, halves = [[1, 2, 3, 4, 5]], [[0.5, 1.0, 1.5, 2.0, 2.5]]
+    typed = {"ints": np.array(ints, np.int32), "halves": np.array(halves, np.float16)}
+    with Client(str(real_worker.socket_path), timeout=10.0) as c:
+        want = c.run("int_and_half", None, typed)
+        got = c.run("int_and_half", None, {"ints": ints, "halves": halves})
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
+        with pytest.raises(errors.BadDtype):
+            c.run("int_and_half", None, {**typed, "ints": np.array(ints, np.int64)})
+
+    async def main() -> list[np.ndarray]:
+        async with AsyncClient(str(real_worker.socket_path), timeout=10.0) as ac:
+            return await ac.run("int_and_half", None, {"ints": ints, "halves": typed["halves"]})
+
+    for g, w in zip(asyncio.run(main()), want, strict=True):
+        assert g.tobytes() == w.tobytes()
+
+
+class FakeRunOptions:
+    """Duck-types onnxruntime.RunOptions (the client must not import onnxruntime)."""
+
+    log_severity_level = 2
+
+    def add_run_config_entry(self, key: str, value: str) -> None:
+        pass
+
+
+def test_run_takes_onnxruntime_arguments_and_refuses_what_it_cannot_honour(client: Client) -> None:
+    x = np.zeros((1, 2), np.float32)
+    (y,) = client.run("add_one", ["y"], {"x": x}, None)  # run_options, positionally
+    np.testing.assert_array_equal(y, x + 1)
+    (y,) = client.run("add_one", ["y"], {"x": x}, run_options=None)
+    np.testing.assert_array_equal(y, x + 1)
+    with pytest.raises(ValueError, match="not supported"):
+        client.run("add_one", ["y"], {"x": x}, FakeRunOptions())
+    with pytest.raises(TypeError, match="run_options"):
+        client.run("add_one", ["y"], {"x": x}, "fast")
+    with pytest.raises(TypeError, match="output_names"):
+        client.run("add_one", "y", {"x": x})  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with AsyncClient(client.socket_path, timeout=10.0) as ac:
+            with pytest.raises(TypeError, match="output_names"):
+                await ac.run("add_one", "y", {"x": x})  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="not supported"):
+                await ac.run("add_one", None, {"x": x}, FakeRunOptions())
+            assert len(await ac.run("add_one", None, {"x": x}, None)) == 2
+
+    asyncio.run(main())
+
+
+def test_forked_child_uses_its_own_connection(real_worker: WorkerProcess) -> None:
+    """The child must not read the parent's answers nor share its arena: both processes get
+    exactly their own answers, small (inline) and 400 KB (through the arena) alike."""
+
+    def hammer(c: Client, seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        wrong = 0
+        for i in range(100):
+            x = rng.random(100_000 if i % 2 else 16, dtype=np.float32)
+            (y,) = c.run("echo", None, {"x": x})
+            wrong += y.tobytes() != x.tobytes()
+        return wrong
+
+    with Client(str(real_worker.socket_path), timeout=5.0) as c:
+        (y,) = c.run("echo", None, {"x": np.ones(100_000, np.float32)})  # connect, attach an arena
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                code = min(hammer(c, seed=1), 2)
+            finally:
+                os._exit(code)  # 0: every answer right; 1-2: wrong ones; 3: an exception
+        wrong_in_parent = hammer(c, seed=2)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert wrong_in_parent == 0
 
 
 def test_models_and_ping(client: Client) -> None:
@@ -172,6 +274,29 @@ def test_threads_share_one_client(client: Client) -> None:
     for th in threads:
         th.join()
     assert failures == []
+
+
+def test_close_fails_a_call_in_flight_on_another_thread_at_once(server: FakeServer) -> None:
+    """It used to poll the closed fd until the answer (30 s here) came, or hit EBADF."""
+    c = Client(server.path, timeout=60.0)
+    outcome: list[BaseException | list[np.ndarray]] = []
+
+    def call() -> None:
+        try:
+            outcome.append(c.run("sleep", None, {"x": np.float64(30)}))
+        except BaseException as exc:  # collected and checked in the main thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    wait_for(lambda: len(c._conns) == 1, what="the call's connection")
+    c.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the call in flight did not notice close()"
+    (result,) = outcome
+    assert isinstance(result, errors.ConnectionFailed) and "client closed" in str(result)
+    assert c.ping()["ready"] is True  # usable again: connects afresh
+    c.close()
 
 
 def test_connections_of_finished_threads_are_closed(client: Client) -> None:
@@ -366,6 +491,58 @@ def test_async_close_fails_in_flight_without_resending(server: FakeServer) -> No
             await task
         assert (await c.ping())["ready"] is True  # usable again: connects afresh
         await c.close()
+
+    asyncio.run(main())
+
+
+def test_async_bounds_its_requests_in_flight(server: FakeServer) -> None:
+    async def main() -> int:
+        most = 0
+        async with AsyncClient(server.path, timeout=10.0, max_in_flight=5) as c:
+            await c.connect()
+            calls = asyncio.gather(*(c.run("add_one", ["y"], {"x": np.full(2, i, np.int64)})
+                                     for i in range(60)))
+            while not calls.done():
+                assert c._proto is not None
+                most = max(most, len(c._proto.pending))
+                await asyncio.sleep(0)
+            for i, (y,) in enumerate(await calls):
+                np.testing.assert_array_equal(y, [i + 1, i + 1])
+        return most
+
+    most = asyncio.run(main())
+    assert 1 < most <= 5
+
+
+def test_async_retries_overloaded_until_served(real_worker: WorkerProcess) -> None:
+    """Six connections with three calls each, on a worker that holds four for all of them:
+    the excess is answered overloaded and must be retried, not raised (200 calls on one
+    AsyncClient got 115 Overloaded)."""
+    feed = {"x": np.random.default_rng(3).standard_normal((64, 768)).astype(np.float32)}
+
+    async def main() -> list[object]:
+        clients = [AsyncClient(str(real_worker.socket_path), timeout=60.0) for _ in range(6)]
+        try:
+            for c in clients:
+                await c.ping()  # accepted (the worker paces accepts); then every call at once
+            calls = [c.run("slow", None, feed) for c in clients for _ in range(3)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            for c in clients:
+                await c.close()
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, list) for r in results), [type(r).__name__ for r in results]
+    first = results[0]
+    assert isinstance(first, list)
+    assert all(isinstance(r, list) and r[0].tobytes() == first[0].tobytes() for r in results)
+
+
+def test_async_overloaded_until_timeout_raises_overloaded(server: FakeServer) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.path, timeout=0.3) as c:
+            with pytest.raises(errors.Overloaded):
+                await c.run("error:overloaded", None, {"x": np.zeros(1, np.float32)})
 
     asyncio.run(main())
 
