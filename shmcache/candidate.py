@@ -384,9 +384,10 @@ def _check_fits(specs: dict[str, _Spec], by_name: dict[str, TensorProto], where:
     misfits = []
     for name, spec in specs.items():
         tensor = by_name[name]
-        old = (_dtype_name(numpy_dtype_for(tensor.data_type)), tuple(int(d) for d in tensor.dims))
+        served = numpy_dtype_for(tensor.data_type)
+        old = (_dtype_name(served), tuple(int(d) for d in tensor.dims))
         new = (_dtype_name(spec.dtype), spec.shape)
-        if old != new:
+        if old[1] != new[1] or not _same_type(served, spec.dtype):
             misfits.append(f"{name!r}: served {old[0]}{list(old[1])}, file {new[0]}{list(new[1])}")
     if misfits:
         shown = "; ".join(misfits[:MAX_LISTED])
@@ -408,6 +409,15 @@ def _embed(tensor: TensorProto, data: bytes) -> None:
     for field in _DATA_FIELDS:
         tensor.ClearField(field)
     tensor.raw_data = data
+
+
+def _same_type(served: np.dtype, stored: np.dtype) -> bool:
+    """numpy has no name for ml_dtypes' types (bfloat16, the 8-bit floats) and saves them in an
+    .npz as raw bytes of their size ('|V2'): those are taken as the served type, as is."""
+    if _dtype_name(served) == _dtype_name(stored):
+        return True
+    return (stored.kind == "V" and stored.fields is None and stored.itemsize == served.itemsize
+            and served.type.__module__ == "ml_dtypes")
 
 
 def _dtype_name(dtype: np.dtype) -> str:

@@ -28,7 +28,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import AttributeProto, GraphProto, TensorProto, numpy_helper
 
-from shmcache.dtypes import numpy_dtype_for
+from shmcache.dtypes import DTYPES_BY_CODE, numpy_dtype_for
 from shmcache.errors import ModelError
 from shmcache.segment import EntrySource, OwnedSegment, Plan, write_segment
 
@@ -151,6 +151,13 @@ def stays_inline(length: int) -> bool:
     return length < INLINE_BELOW
 
 
+def stays_in_graph_only(t: TensorProto) -> bool:
+    """A small tensor of a type the segment cannot hold (a few string labels for a Gather)
+    stays in the graph and out of the table: it would stay inline anyway (INLINE_BELOW)."""
+    return (t.data_type not in DTYPES_BY_CODE and t.data_location != TensorProto.EXTERNAL
+            and t.ByteSize() < INLINE_BELOW)
+
+
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data",
                 "double_data", "uint64_data")
 
@@ -237,7 +244,7 @@ def build_model_segment(
 
     ``model`` is consumed: its tensors lose their data and become references to the segment.
     """
-    weights = collect_weights(model)
+    weights = [w for w in collect_weights(model) if not stays_in_graph_only(w.tensor)]
     sources = [take_source(w) for w in weights]
 
     def graph_for(plan: Plan) -> bytes:

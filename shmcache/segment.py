@@ -97,6 +97,7 @@ HEADER_SIZE = HEADER.size
 ENTRY = struct.Struct("<QQIHBB8qB3sI")
 ENTRY_SIZE = ENTRY.size
 MAX_DIMS = 8
+MAX_TENSOR_NAME = 2**16 - 1  # bytes of UTF-8: the u16 name length in the table
 MAX_NAME_BYTES = 64
 ALIGN = 64
 PAGE = mmap.PAGESIZE
@@ -213,11 +214,14 @@ def plan_layout(sources: Sequence[EntrySource]) -> Plan:
     data_offset = _align(HEADER_SIZE + table_length, PAGE)
     cursor = data_offset
     entries: list[Entry] = []
-    for source in sources:
+    for source, name in zip(sources, names):
         if len(source.shape) > MAX_DIMS:
             raise SegmentError(
                 f"tensor {source.name!r} has {len(source.shape)} dimensions; at most {MAX_DIMS}"
             )
+        if len(name) > MAX_TENSOR_NAME:  # the table's u16 name length
+            raise SegmentError(f"tensor {source.name[:80]!r}... has a name of {len(name)} "
+                               f"bytes; a segment holds names of at most {MAX_TENSOR_NAME}")
         cursor = _align(cursor, source.align or (PAGE if source.length >= PAGE_ALIGN_MIN else ALIGN))
         entries.append(
             Entry(source.name, source.dtype, tuple(source.shape), cursor, source.length,

@@ -240,6 +240,11 @@ class Arbiter:
         self.open_early_door()
         log.info("listening on %s (control %s), instance %s, pid %d", self.cfg.socket,
                  self.cfg.control_socket, self.instance, os.getpid())
+        if self.cfg.optimization == "disabled" and self.cfg.prepack:
+            # Pre-packed blobs come from ONNX Runtime's offline pass, which "disabled" skips.
+            log.warning("--optimization disabled: no pre-packed weights (workers run with "
+                        "pre-packing off, MatMul/Gemm about 1.8x slower); basic or above "
+                        "pre-packs them once for every worker")
         self.phase = "building"
         self.start_builds()
 

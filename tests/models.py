@@ -243,3 +243,38 @@ def embedding(vocab: int = 10, width: int = 4, seed: int = 8) -> onnx.ModelProto
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
         [numpy_helper.from_array(table, "table")])
     return _model(graph)
+
+
+def labelled(seed: int = 9) -> onnx.ModelProto:
+    """An MLP's scores (y) and a small STRING initializer of labels picked by argmax (label):
+    the labels stay in the graph, since a segment holds no strings."""
+    model = mlp((8, 16, 3), seed=seed)
+    graph = model.graph
+    graph.initializer.append(helper.make_tensor("labels", TensorProto.STRING, [3],
+                                                [b"cat", b"dog", b"eel"]))
+    graph.node.extend([helper.make_node("ArgMax", ["y"], ["best"], axis=1, keepdims=0),
+                       helper.make_node("Gather", ["labels", "best"], ["label"])])
+    graph.output.append(helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"]))
+    return model
+
+
+def quantized(element_type: int, seed: int = 10) -> onnx.ModelProto:
+    """y = x @ DequantizeLinear(Wq, scale): Wq (128x128, over a page) of ``element_type``
+    (FLOAT8E4M3FN or INT4) stays as it is through ORT's optimizer, since the scale is an
+    input."""
+    rng = np.random.default_rng(seed)
+    if element_type == TensorProto.INT4:
+        nibbles = rng.integers(0, 16, 128 * 128, dtype=np.uint8)
+        raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    else:
+        raw = rng.integers(0, 0x70, 128 * 128, dtype=np.uint8).tobytes()
+    weight = helper.make_tensor("Wq", element_type, [128, 128], raw, raw=True)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["Wq", "scale"], ["W"]),
+         helper.make_node("MatMul", ["x", "W"], ["y"])], "quantized",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 128]),
+         helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 128])], [weight])
+    model = _model(graph, opset=21)
+    model.ir_version = 10
+    return model

@@ -53,6 +53,7 @@ from typing import Literal
 
 import onnx
 
+from shmcache.dtypes import numpy_dtype_for
 from shmcache.errors import ModelError
 from shmcache.model import model_digest as file_digest
 from shmcache.segment import (
@@ -361,6 +362,7 @@ def segment_sources(graph: onnx.ModelProto, data_path: Path) -> tuple[list[Exter
     for e in entries:
         if e.kind == "tensor":
             t = tensors[e.tensor]
+            numpy_dtype_for(t.data_type)  # refused here, by name: the reader would not take it
             sources.append(EntrySource(e.tensor, t.data_type, tuple(int(d) for d in t.dims),
                                        e.length, reader(e.offset, e.length), align=e.alignment))
         else:

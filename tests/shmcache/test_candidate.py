@@ -376,6 +376,26 @@ def test_bfloat16_and_bool_weights(segments: Callable[[onnx.ModelProto], Served]
         load_candidate(path, served.graph, served.tensor)
 
 
+def test_bfloat16_and_float8_from_an_npz(segments: Callable[[onnx.ModelProto], Served],
+                                         tmp_path: Path) -> None:
+    """numpy saves ml_dtypes arrays as raw bytes ('|V2', '|V1'): taken as the served type of
+    that size; a raw type of another size is still refused."""
+    served = segments(models.constants({
+        "bf": np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16),
+        "f8": np.array([0.5, 4.0], dtype=ml_dtypes.float8_e4m3fn),
+    }))
+    new = {"bf": np.array([3.0, 0.25], dtype=ml_dtypes.bfloat16),
+           "f8": np.array([-1.0, 2.0], dtype=ml_dtypes.float8_e4m3fn)}
+    path = tmp_path / "w.npz"
+    np.savez(path, **new)
+    got = embedded(load_candidate(path, served.graph, served.tensor))
+    assert got["bf"].dtype == ml_dtypes.bfloat16 and got["f8"].dtype == ml_dtypes.float8_e4m3fn
+    assert got["bf"].tobytes() == new["bf"].tobytes() and got["f8"].tobytes() == new["f8"].tobytes()
+    np.savez(path, bf=np.zeros(2, "V4"), f8=new["f8"])
+    with pytest.raises(WeightsError, match="'bf'"):
+        load_candidate(path, served.graph, served.tensor)
+
+
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 def test_unknown_names_are_refused_by_name(
     segments: Callable[[onnx.ModelProto], Served], tmp_path: Path, suffix: str

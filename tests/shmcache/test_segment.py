@@ -25,6 +25,7 @@ from shmcache import segment as seg_mod
 from shmcache.errors import (
     ModelError,
     NoSpace,
+    SegmentError,
     SegmentCorrupt,
     SegmentExists,
     SegmentNotFound,
@@ -205,10 +206,11 @@ def test_bad_model_files(tmp_path: Path, content: bytes | None, match: str) -> N
 
 
 def test_unsupported_dtype_is_refused_and_nothing_left(shm_name: str, tmp_path: Path) -> None:
-    t = helper.make_tensor("s", TensorProto.STRING, [2], [b"a", b"b"])
+    """Over a page of strings (a few labels would stay in the graph: test_worker)."""
+    t = helper.make_tensor("s", TensorProto.STRING, [2000], [b"label"] * 2000)
     graph = helper.make_graph(
         [helper.make_node("Identity", ["s"], ["o"])], "g", [],
-        [helper.make_tensor_value_info("o", TensorProto.STRING, [2])], [t],
+        [helper.make_tensor_value_info("o", TensorProto.STRING, [2000])], [t],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ModelError, match="STRING cannot be held"):
@@ -331,3 +333,14 @@ def test_two_processes_attach_at_once_and_read_identical_bytes(shm_name: str, tm
             assert dict(line.split() for line in out.splitlines()) == expected
     finally:
         owned.unlink()
+
+
+def test_a_name_too_long_for_the_table_is_refused_by_name() -> None:
+    """The table holds a name's length in 16 bits: longer names are refused with the limit,
+    not with struct's "ushort format requires 0 <= number <= 65535"."""
+    def source(name: str) -> seg_mod.EntrySource:
+        return seg_mod.EntrySource(name, TensorProto.FLOAT, (1,), 4, lambda dest: None)
+
+    seg_mod.plan_layout([source("w" * seg_mod.MAX_TENSOR_NAME)])
+    with pytest.raises(SegmentError, match="at most 65535"):
+        seg_mod.plan_layout([source("w" * (seg_mod.MAX_TENSOR_NAME + 1))])

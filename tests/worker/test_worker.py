@@ -19,9 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shmcache
+from onnx import TensorProto
+
 from shmcache import errors, protocol
+from shmcache.errors import ModelError
+from shmcache.registry import segment_name
 from tests import models
-from tests.worker.harness import WorkerProcess, running_worker
+from tests.worker.harness import WorkerProcess, build_segment, running_worker
 from worker.runtime import SessionSettings
 
 RNG = np.random.default_rng(11)
@@ -141,6 +145,40 @@ def test_string_tensors_get_errors_that_name_them(tmp_path: Path) -> None:
         with pytest.raises(errors.BadDtype, match="input 'x' has dtype <U1 \\(strings"):
             client.run("s", None, {"x": np.array(["a", "b"])})
         assert client.ping()["ready"] is True
+
+
+@pytest.mark.parametrize("prepack", [False, True], ids=["plain", "pre-packed"])
+def test_small_string_initializers_stay_in_the_graph(tmp_path: Path, prepack: bool) -> None:
+    """A segment holds no strings; a few labels stay in the graph (plain segments refused
+    the whole model for them: --optimization disabled could not serve it)."""
+    path = models.save(models.labelled(), tmp_path / "l.onnx")
+    x = RNG.standard_normal((4, 8)).astype(np.float32)
+    with running_worker(tmp_path, {"l": path}, prepack=prepack) as worker, \
+            shmcache.Client(str(worker.socket_path)) as client:
+        (y,) = client.run("l", ["y"], {"x": x})
+    want = ort.InferenceSession(str(path), SessionSettings().options(prepacked=prepack),
+                                providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    assert y.tobytes() == want.tobytes()
+
+
+def test_float8_weights_are_served_and_int4_refused_by_name(tmp_path: Path) -> None:
+    """8-bit floats are one byte an element in ONNX and numpy alike; INT4 packs two to a
+    byte, and is refused when the segment is built (it used to pass, and every worker then
+    failed to read the segment: a boot loop)."""
+    f8 = models.save(models.quantized(TensorProto.FLOAT8E4M3FN), tmp_path / "f8.onnx")
+    feed = {"x": RNG.standard_normal((3, 128)).astype(np.float32),
+            "scale": np.array(0.05, np.float32)}
+    want = ort.InferenceSession(str(f8), SessionSettings().options(prepacked=True),
+                                providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    with running_worker(tmp_path, {"f8": f8}, prepack=True) as worker, \
+            shmcache.Client(str(worker.socket_path)) as client:
+        assert client.run("f8", None, feed)[0].tobytes() == want.tobytes()
+    int4 = models.save(models.quantized(TensorProto.INT4), tmp_path / "int4.onnx")
+    for prepack in (False, True):
+        with pytest.raises(ModelError, match="INT4 cannot be held"):
+            (tmp_path / str(prepack)).mkdir()
+            build_segment(int4, segment_name("test", "q", 1), "q", tmp_path / str(prepack),
+                          prepack, "all")
 
 
 def test_an_index_out_of_range_is_the_model_failing_not_a_bad_shape(tmp_path: Path) -> None:
