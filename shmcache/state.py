@@ -132,3 +132,78 @@ class VersionTable:
             posix_ipc.unlink_shared_memory("/" + self.name)
         except posix_ipc.ExistentialError:
             pass
+
+
+class ConnectionBoard:
+    """How many client connections each accepting worker holds, shared by the workers so the
+    least-connected one takes the next connection (worker.server.Acceptor).
+
+    Layout (little-endian)::
+
+        0      8s   magic b"SHMBOARD"
+        8      u32  layout version (1)
+        12     u32  slot count
+        16     48s  reserved
+        64     u32 per slot: 0 = its worker accepts nothing (none, booting, a standby, gone);
+                             n + 1 = it accepts and holds n connections
+
+    The supervisor creates it and gives each worker a slot; a worker writes only its own
+    (aligned 4-byte stores, so a reader sees the old count or the new one) and reads the
+    others'. The supervisor clears a dead worker's slot. Counts only steer who accepts first:
+    a wrong one costs balance for a moment, never a connection.
+    """
+
+    MAGIC = b"SHMBOARD"
+    LAYOUT = 1
+    SLOTS = 1024
+
+    def __init__(self, name: str, mem: mmap.mmap) -> None:
+        self.name = name
+        self._mem = mem
+        magic, layout, count, _ = HEADER.unpack_from(mem, 0)
+        if magic != self.MAGIC or layout != self.LAYOUT or SLOTS_AT + 4 * count > len(mem):
+            raise SegmentCorrupt(f"{name!r} is not a shmcache connection board")
+        self.count = count
+        self._slots = np.frombuffer(mem, np.uint32, count, SLOTS_AT)
+
+    @classmethod
+    def create(cls, name: str, mode: int = 0o600, gid: int | None = None) -> ConnectionBoard:
+        size = SLOTS_AT + 4 * cls.SLOTS
+        try:
+            shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=size)
+        except posix_ipc.ExistentialError as exc:
+            raise SegmentError(f"connection board {name!r} already exists") from exc
+        try:
+            os.fchmod(shm.fd, mode)
+            if gid is not None:
+                os.fchown(shm.fd, -1, gid)
+            mem = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        HEADER.pack_into(mem, 0, cls.MAGIC, cls.LAYOUT, cls.SLOTS, b"")
+        return cls(name, mem)
+
+    @classmethod
+    def attach(cls, name: str) -> ConnectionBoard:
+        shm = posix_ipc.SharedMemory("/" + name)
+        try:
+            mem = mmap.mmap(shm.fd, os.fstat(shm.fd).st_size)
+        finally:
+            shm.close_fd()
+        return cls(name, mem)
+
+    def post(self, slot: int, connections: int | None) -> None:
+        """Say this slot's worker holds ``connections``; None: it accepts nothing."""
+        self._slots[slot] = 0 if connections is None else connections + 1
+
+    def fewest_elsewhere(self, slot: int) -> int | None:
+        """The fewest connections any other accepting worker holds; None if none accepts."""
+        others = np.delete(self._slots, slot)
+        accepting = others[others > 0]
+        return int(accepting.min()) - 1 if accepting.size else None
+
+    def unlink(self) -> None:
+        try:
+            posix_ipc.unlink_shared_memory("/" + self.name)
+        except posix_ipc.ExistentialError:
+            pass

@@ -52,7 +52,7 @@ import uvloop  # noqa: F401 - imported once here so each forked worker starts ~5
 from shmcache import errors, protocol, registry
 from shmcache.model import model_digest
 from shmcache.segment import OwnedSegment, Segment
-from shmcache.state import VersionTable
+from shmcache.state import ConnectionBoard, VersionTable
 from worker.heap import load_glibc, trim_heap
 from supervisor.config import ServeConfig
 from supervisor.memlock import LockedSegment, MemoryLockError, lock_segment
@@ -109,6 +109,7 @@ class WorkerHandle:
     versions: dict[str, int] = field(default_factory=dict)
     retiring: bool = False  # to be replaced by a reload
     standby: bool = False  # warm, not accepting, until activated to replace an active worker
+    board_slot: int | None = None  # its slot on the connection board, if it got one
     # a standby's prepares after a flip: control id -> (model, version)
     catching_up: dict[int, tuple[str, int]] = field(default_factory=dict)
 
@@ -172,6 +173,7 @@ class Arbiter:
             spec.name: ModelState(spec.name, slot, spec.path)
             for slot, spec in enumerate(config.models)}
         self.table: VersionTable | None = None
+        self.board: ConnectionBoard | None = None
         self.manifest = Manifest(config.state_dir)
         self.publishes: dict[str, PublishJob] = {}
         self.restores_tried: set[tuple[str, int]] = set()  # (model, version) restored or tried
@@ -229,6 +231,9 @@ class Arbiter:
         gid = self.cfg.group_id()
         self.table = VersionTable.create(
             registry.segment_name(self.instance, "_state", 0), list(self.models),
+            mode=0o640 if gid is not None else 0o600, gid=gid)
+        self.board = ConnectionBoard.create(
+            registry.segment_name(self.instance, "_board", 0),
             mode=0o640 if gid is not None else 0o600, gid=gid)
         for state in self.models.values():
             if state.current:
@@ -719,22 +724,31 @@ class Arbiter:
         # boot and wait for a stop that already came. Blocked, it stays pending in the child
         # until run_worker restores the default action and unblocks it.
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        slot = self.free_board_slot()
         pid = -1
         try:
             pid = os.fork()
             if pid == 0:  # child: never returns
                 ours.close()
-                self.become_worker(theirs, serving=not standby)
+                self.become_worker(theirs, serving=not standby, board_slot=slot)
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         theirs.close()
-        handle = WorkerHandle(pid, Peer(ours), standby=standby)
+        handle = WorkerHandle(pid, Peer(ours), standby=standby, board_slot=slot)
         self.workers[pid] = handle
         self.sel.register(handle.peer, selectors.EVENT_READ, lambda p, h=handle: self.on_worker_readable(h))
         log.info("spawned %s worker %d", handle.role, pid)
 
-    def become_worker(self, control: socket.socket, serving: bool) -> None:
+    def free_board_slot(self) -> int | None:
+        """The lowest slot no live worker has (a dead one's was cleared when reaped)."""
+        if self.board is None:
+            return None
+        taken = {w.board_slot for w in self.workers.values()}
+        return next((i for i in range(self.board.count) if i not in taken), None)
+
+    def become_worker(self, control: socket.socket, serving: bool,
+                      board_slot: int | None) -> None:
         code = WORKER_BOOT_ERROR
         try:
             signal.set_wakeup_fd(-1)
@@ -749,6 +763,7 @@ class Arbiter:
                         for m in self.models.values()},
                 version_table=self.table.name if self.table else None,
                 slots={m.name: m.slot for m in self.models.values()},
+                board=self.board.name if self.board else None, board_slot=board_slot,
                 settings=SessionSettings(
                     intra_op_threads=self.cfg.intra_threads(), optimization=self.cfg.optimization,
                     memory_arena=not self.cfg.release_memory,
@@ -835,6 +850,8 @@ class Arbiter:
             if done == 0:
                 continue
             del self.workers[pid]
+            if self.board is not None and w.board_slot is not None:
+                self.board.post(w.board_slot, None)  # it cannot say so itself any more
             self.drop_peer(w.peer)
             self.metrics.worker_gone(pid)
             for job in list(self.publishes.values()):
@@ -1435,6 +1452,8 @@ class Arbiter:
                 v.segment.unlink()
         if self.table is not None:
             self.table.unlink()
+        if self.board is not None:
+            self.board.unlink()
         if self.http is not None:
             self.http.close()
         if self.listener is not None:

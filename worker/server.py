@@ -63,7 +63,7 @@ from typing import Any, NamedTuple, TypeVar
 from shmcache import errors, protocol
 from shmcache.arena import WorkerArena
 from shmcache.hugepages import transient_huge_pages
-from shmcache.state import VersionTable
+from shmcache.state import ConnectionBoard, VersionTable
 from worker.heap import IdleHeapTrimmer
 from worker.runtime import ModelRuntime, SessionSettings
 from worker.stats import RequestStats
@@ -92,6 +92,8 @@ class WorkerConfig:
     models: dict[str, list[str]]  # model name -> segment names of every loaded version
     version_table: str | None = None  # shared table of current versions; None: newest loaded
     slots: dict[str, int] = field(default_factory=dict)  # model name -> slot in the table
+    board: str | None = None  # shared connection counts (Acceptor); None: none kept
+    board_slot: int | None = None  # this worker's slot on it
     settings: SessionSettings = field(default_factory=SessionSettings)
     max_inflight: int = 64
     concurrency: int = 1  # sessions run at once; each already uses intra_op_threads
@@ -133,7 +135,8 @@ class Worker:
         self.stopping = asyncio.Event()
         self.hot_until = 0.0
         self.spinning = False
-        self.acceptor = Acceptor(self, listener)
+        board = ConnectionBoard.attach(config.board) if config.board else None
+        self.acceptor = Acceptor(self, listener, board, config.board_slot)
         self.control: ControlConnection | None = None
 
     # --- boot ---------------------------------------------------------------------------
@@ -493,14 +496,20 @@ class Acceptor:
     The kernel wakes every worker polling the socket for each new connection, and whichever
     calls accept() first keeps that connection for its lifetime. Left to that race, the 3
     clients of benchmarks/swap.py landed on one of its 2 workers in about half the runs (the
-    other idle; steady p50 100 ms instead of 57 ms). So a worker holding k connections waits
-    k x ACCEPT_STEP before it tries: a worker with fewer takes the connection first, and one
-    that is slow to wake, or stuck, only delays it.
+    other idle; steady p50 100 ms instead of 57 ms). So a worker holding k connections more
+    than the least-connected other worker (shmcache.state.ConnectionBoard) waits
+    k x ACCEPT_STEP before it tries: that one takes the connection first, and one that is
+    slow to wake, or stuck, only delays it. Workers holding as many accept at once: counting
+    all held connections instead made every connection wait 50 ms once each worker held 5,
+    and a burst of 300 connections took 7 s.
     """
 
-    def __init__(self, worker: Worker, listener: socket.socket) -> None:
+    def __init__(self, worker: Worker, listener: socket.socket,
+                 board: ConnectionBoard | None = None, slot: int | None = None) -> None:
         self.worker = worker
         self.listener = listener
+        self.board = board if slot is not None else None
+        self.slot = slot or 0
         self.serving = False
         self.adopting = 0  # accepted, transport not made yet
         self.timer: asyncio.TimerHandle | None = None
@@ -508,18 +517,32 @@ class Acceptor:
     def start(self) -> None:
         self.listener.setblocking(False)
         self.serving = True
+        self.post()
         self._watch()
 
     def stop(self) -> None:
         self.serving = False
+        self.post()
         asyncio.get_running_loop().remove_reader(self.listener.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
+    def held(self) -> int:
+        return len(self.worker.connections) + self.adopting
+
+    def post(self) -> None:
+        """Tell the other workers how many connections this one holds (whenever it changes)."""
+        if self.board is not None:
+            self.board.post(self.slot, self.held() if self.serving else None)
+
     def delay(self) -> float:
-        held = len(self.worker.connections) + self.adopting
-        return min(ACCEPT_MAX_DELAY, held * ACCEPT_STEP)
+        held = self.held()
+        if self.board is None:  # no board to compare with: hold back by what we hold
+            return min(ACCEPT_MAX_DELAY, held * ACCEPT_STEP)
+        fewest = self.board.fewest_elsewhere(self.slot)
+        ahead = 0 if fewest is None else held - fewest
+        return min(ACCEPT_MAX_DELAY, max(0, ahead) * ACCEPT_STEP)
 
     def _watch(self) -> None:
         if self.serving:
@@ -549,6 +572,7 @@ class Acceptor:
             return
         else:
             self.adopting += 1
+            self.post()
             asyncio.ensure_future(self._adopt(sock))
         self._watch()
 
@@ -561,6 +585,7 @@ class Acceptor:
             sock.close()
         finally:
             self.adopting -= 1
+            self.post()
 
 
 class FramedConnection(asyncio.Protocol):
@@ -634,11 +659,13 @@ class ClientConnection(FramedConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.worker.connections.add(self)
+        self.worker.acceptor.post()
         if self.worker.stopping.is_set():  # accepted just before the stop: nothing read yet
             self.finish()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.worker.connections.discard(self)
+        self.worker.acceptor.post()
         self.transport = None
         self.backlog.clear()  # nobody left to answer
         self.worker.drop_queued(self)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from shmcache.errors import SegmentError
-from shmcache.state import MAX_COMING_BACK, VersionTable
+from shmcache.state import MAX_COMING_BACK, ConnectionBoard, VersionTable
 
 
 @pytest.fixture
@@ -43,3 +43,19 @@ def test_a_reader_sees_flips_and_versions_coming_back_per_slot(table: VersionTab
 def test_the_table_is_private_to_its_user(table: VersionTable) -> None:
     mode = stat.S_IMODE(os.stat(f"/dev/shm/{table.name}").st_mode)
     assert mode == 0o600
+
+
+def test_the_board_says_the_fewest_connections_any_other_worker_holds() -> None:
+    board = ConnectionBoard.create(f"shmcache-test-board-{uuid.uuid4().hex[:8]}")
+    try:
+        worker = ConnectionBoard.attach(board.name)  # as a worker maps it: writable
+        assert worker.fewest_elsewhere(0) is None  # nobody else accepts
+        worker.post(0, 5)
+        board.post(3, 2)
+        board.post(7, 0)
+        assert worker.fewest_elsewhere(0) == 0 and board.fewest_elsewhere(7) == 2
+        board.post(7, None)  # a standby, or gone
+        assert worker.fewest_elsewhere(0) == 2 and worker.fewest_elsewhere(3) == 5
+        assert stat.S_IMODE(os.stat(f"/dev/shm/{board.name}").st_mode) == 0o600
+    finally:
+        board.unlink()

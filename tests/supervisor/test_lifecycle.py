@@ -95,6 +95,34 @@ def test_each_new_connection_goes_to_the_least_connected_worker(daemon: Daemon) 
             c.close()
 
 
+def test_new_connections_are_not_held_back_by_the_ones_already_open(daemon: Daemon) -> None:
+    """Twenty idle connections open, ten per worker: a new one is still accepted at once by
+    whichever worker holds fewest (it waited 50 ms once each worker held five), and the load
+    stays even."""
+    held = [shmcache.Client(str(daemon.socket)) for _ in range(20)]
+    try:
+        pids = [c.ping()["pid"] for c in held]
+        assert sorted(Counter(pids).values()) == [10, 10], Counter(pids)
+        took = []
+        for _ in range(20):
+            started = time.perf_counter()
+            with shmcache.Client(str(daemon.socket)) as c:
+                c.ping()
+            took.append(time.perf_counter() - started)
+        took.sort()
+        assert took[len(took) // 2] < 0.010, [f"{t * 1e3:.1f} ms" for t in took]
+        more = [shmcache.Client(str(daemon.socket)) for _ in range(4)]
+        try:
+            pids += [c.ping()["pid"] for c in more]
+        finally:
+            for c in more:
+                c.close()
+        assert sorted(Counter(pids).values()) == [12, 12], Counter(pids)
+    finally:
+        for c in held:
+            c.close()
+
+
 def test_killed_worker_is_replaced_without_failing_a_call(
     daemon: Daemon, model_paths: dict[str, Path]
 ) -> None:
@@ -187,8 +215,8 @@ def test_sigkilled_supervisor_takes_workers_along_and_next_start_sweeps(
     d = Daemon(tmp_path, model_paths, workers=2).wait_ready()
     workers = d.worker_pids()
     segments = d.segments()
-    weights = sorted(s for s in segments if "._state." not in s)
-    assert len(weights) == 2 and len(segments) == 3
+    weights = sorted(s for s in segments if "._state." not in s and "._board." not in s)
+    assert len(weights) == 2 and len(segments) == 4
     try:
         d.signal(signal.SIGKILL)
         d.wait_exit(10)
