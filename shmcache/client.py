@@ -141,6 +141,13 @@ def _with_declared_dtypes(input_feed: Mapping[str, Any],
             for name, v in input_feed.items()}
 
 
+def _writable(outputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Arrays the caller may change in place, as ONNX Runtime's are: an output that came
+    inline is a view of the reply's read-only bytes until copied (arena outputs are copies
+    already)."""
+    return [a if a.flags.writeable else a.copy() for a in outputs]
+
+
 class _Backoff:
     """Delays between retries of an answer that says "later" (``not_ready``, ``overloaded``):
     20 ms doubling to 200 ms, and None once the next one would end past the deadline."""
@@ -539,7 +546,7 @@ class Client:
             if feed is not input_feed:  # a publish may have changed the signature we cached
                 self._input_dtypes.pop(model, None)
             raise
-        result = protocol.outputs_from_reply(reply), _version_of(reply)
+        result = _writable(protocol.outputs_from_reply(reply)), _version_of(reply)
         self._local.last_version = result[1]
         self._local.last_compute = protocol.compute_of(reply)
         return result
@@ -819,7 +826,7 @@ class AsyncClient:
             if feed is not input_feed:  # a publish may have changed the signature we cached
                 self._input_dtypes.pop(model, None)
             raise
-        result = protocol.outputs_from_reply(reply), _version_of(reply)
+        result = _writable(protocol.outputs_from_reply(reply)), _version_of(reply)
         self.last_version = result[1]
         self.last_compute_seconds = protocol.compute_of(reply)
         return result

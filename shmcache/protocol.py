@@ -343,7 +343,8 @@ def tensor_bytes(obj: dict[str, Any], arena: ArenaView | None) -> bytes | memory
     """A wire tensor's bytes: its ``data``, or its ``shm`` range of ``arena`` (checked)."""
     if "shm" not in obj:
         data = obj.get("data")
-        if not isinstance(data, bytes):
+        # bytes off the wire; a memoryview where the client put its arena copy (writable)
+        if not isinstance(data, (bytes, memoryview)):
             raise errors.Malformed(f"tensor data must be bin, got {type(data).__name__}")
         return data
     ref = obj["shm"]

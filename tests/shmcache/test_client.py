@@ -215,6 +215,24 @@ def test_forked_child_uses_its_own_connection(real_worker: WorkerProcess) -> Non
     assert wrong_in_parent == 0
 
 
+@pytest.mark.parametrize("size", [16, 1 << 18], ids=["inline", "arena"])
+def test_outputs_can_be_changed_in_place_like_onnxruntime_s(real_worker: WorkerProcess,
+                                                            size: int) -> None:
+    """ORT returns writable arrays (probs /= probs.sum() works); views of a reply's bytes
+    were read-only."""
+    x = np.arange(size, dtype=np.float32)
+
+    async def through_async() -> np.ndarray:
+        async with AsyncClient(str(real_worker.socket_path)) as ac:
+            return (await ac.run("echo", None, {"x": x}))[0]
+
+    with Client(str(real_worker.socket_path)) as c:
+        outputs = [c.run("echo", None, {"x": x})[0], asyncio.run(through_async())]
+    for y in outputs:
+        y += 1
+        np.testing.assert_array_equal(y, x + 1)
+
+
 def test_models_and_ping(client: Client) -> None:
     (model,) = client.models()
     assert isinstance(model, ModelInfo)
