@@ -49,6 +49,22 @@ COMING_BACK = 8  # word index of the count; the versions follow
 MAX_COMING_BACK = 7
 
 
+def _create_object(name: str, size: int, mode: int, gid: int | None, what: str) -> mmap.mmap:
+    """A new shared-memory object of ``size`` bytes, mapped read-write, with the mode we
+    promised (shm_open applies the umask) and the group, if any."""
+    try:
+        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=size)
+    except posix_ipc.ExistentialError as exc:
+        raise SegmentError(f"{what} {name!r} already exists") from exc
+    try:
+        os.fchmod(shm.fd, mode)
+        if gid is not None:
+            os.fchown(shm.fd, -1, gid)
+        return mmap.mmap(shm.fd, size)
+    finally:
+        shm.close_fd()
+
+
 class VersionTable:
     """A view of the table; ``writable`` only in the supervisor that created it."""
 
@@ -67,18 +83,8 @@ class VersionTable:
     @classmethod
     def create(cls, name: str, models: list[str], mode: int = 0o600,
                gid: int | None = None) -> VersionTable:
-        size = max(mmap.PAGESIZE, SLOTS_AT + SLOT_SIZE * len(models))
-        try:
-            shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=size)
-        except posix_ipc.ExistentialError as exc:
-            raise SegmentError(f"version table {name!r} already exists") from exc
-        try:
-            os.fchmod(shm.fd, mode)
-            if gid is not None:
-                os.fchown(shm.fd, -1, gid)
-            mem = mmap.mmap(shm.fd, size)
-        finally:
-            shm.close_fd()
+        mem = _create_object(name, max(mmap.PAGESIZE, SLOTS_AT + SLOT_SIZE * len(models)),
+                             mode, gid, "version table")
         HEADER.pack_into(mem, 0, MAGIC, LAYOUT, len(models), b"")
         for i, model in enumerate(models):
             raw = model.encode("utf-8")[:MAX_NAME]
@@ -168,18 +174,7 @@ class ConnectionBoard:
 
     @classmethod
     def create(cls, name: str, mode: int = 0o600, gid: int | None = None) -> ConnectionBoard:
-        size = SLOTS_AT + 4 * cls.SLOTS
-        try:
-            shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=size)
-        except posix_ipc.ExistentialError as exc:
-            raise SegmentError(f"connection board {name!r} already exists") from exc
-        try:
-            os.fchmod(shm.fd, mode)
-            if gid is not None:
-                os.fchown(shm.fd, -1, gid)
-            mem = mmap.mmap(shm.fd, size)
-        finally:
-            shm.close_fd()
+        mem = _create_object(name, SLOTS_AT + 4 * cls.SLOTS, mode, gid, "connection board")
         HEADER.pack_into(mem, 0, cls.MAGIC, cls.LAYOUT, cls.SLOTS, b"")
         return cls(name, mem)
 
