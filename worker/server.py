@@ -60,6 +60,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
+
 from shmcache import errors, protocol
 from shmcache.arena import WorkerArena
 from shmcache.hugepages import transient_huge_pages
@@ -363,17 +365,29 @@ class Worker:
     def dispatch(self, job: Job) -> None:
         self.running += 1
         loop = asyncio.get_running_loop()
+        request = job.request
+        into = self.output_destinations(job)
         if self.run_inline(job.runtime):
             future: asyncio.Future[Any] = loop.create_future()
             try:
-                future.set_result(job.runtime.run(job.request.inputs, job.request.outputs))
+                future.set_result(job.runtime.run(request.inputs, request.outputs, into))
             except Exception as exc:
                 future.set_exception(exc)
             self.finish_infer(job, future)
             return
-        future = loop.run_in_executor(self.pool, job.runtime.run, job.request.inputs,
-                                      job.request.outputs)
+        future = loop.run_in_executor(self.pool, job.runtime.run, request.inputs,
+                                      request.outputs, into)
         future.add_done_callback(lambda f: self.finish_infer(job, f))
+
+    @staticmethod
+    def output_destinations(job: Job) -> list[np.ndarray] | None:
+        """Where in the client's arena ONNX Runtime may write the outputs itself: when the
+        request names an output region and every output's shape is known beforehand."""
+        arena, out = job.conn.arena, job.request.out
+        if arena is None or out is None:
+            return None
+        shapes = job.runtime.output_shapes(job.request.inputs, job.request.outputs)
+        return None if shapes is None else arena.destinations(shapes, out)
 
     def run_inline(self, runtime: ModelRuntime) -> bool:
         """Run on the loop thread when the model is known to answer in well under a millisecond
@@ -401,7 +415,7 @@ class Worker:
         elapsed = time.perf_counter() - started
         self.request_stats.record(runtime.model, runtime.version,
                           "ok" if exc is None else getattr(exc, "code", "internal"), elapsed)
-        self.spin_after = runtime.typical_seconds < SPIN_AFTER_BELOW
+        self.spin_after = elapsed < SPIN_AFTER_BELOW
         if exc is None:
             runtime.observe(elapsed)
         else:
