@@ -41,8 +41,8 @@ call runs can only spoil that client's answer.
 
 from __future__ import annotations
 
-import math
 import fcntl
+import math
 import mmap
 import os
 import stat
@@ -228,8 +228,8 @@ class WorkerArena:
         """Arrays over the output region where outputs of these dtypes and shapes will be
         placed, for ONNX Runtime to write into; None unless every one fits (and has bytes)."""
         sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in shapes]
-        offsets = self.plan(sizes, out)
-        if 0 in sizes or None in offsets:
+        placed = [off for off in self.plan(sizes, out) if off is not None]
+        if 0 in sizes or len(placed) < len(sizes):
             return None
         return [np.frombuffer(self.view(off, n), dtype).reshape(shape)
-                for (dtype, shape), off, n in zip(shapes, offsets, sizes) if off is not None]
+                for (dtype, shape), off, n in zip(shapes, placed, sizes)]

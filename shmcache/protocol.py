@@ -564,7 +564,7 @@ def check_reply(msg: dict[str, Any]) -> dict[str, Any]:
     err = msg.get("error")
     rid = msg.get("id") if _is_int(msg.get("id")) else None
     if not isinstance(err, dict):
-        raise errors.Malformed(f"response is neither ok nor an error: {msg!r}"[:200])
+        raise errors.Malformed(f"response is neither ok nor an error: {brief(msg)}")
     code, message = err.get("code"), err.get("message")
     raise errors.error_from_code(str(code), str(message), rid)
 
@@ -578,6 +578,6 @@ def outputs_from_reply(msg: dict[str, Any], arena: ArenaView | None = None) -> l
     out: list[np.ndarray] = []
     for pair in pairs:
         if not isinstance(pair, list) or len(pair) != 2:
-            raise errors.Malformed(f"output entry must be [name, tensor], got {pair!r}"[:200])
+            raise errors.Malformed(f"output entry must be [name, tensor], got {brief(pair)}")
         out.append(tensor_from_wire(pair[1], arena))
     return out

@@ -136,13 +136,13 @@ class ModelRuntime:
     typical_seconds: float = 1.0  # moving average of successful runs; decides inline runs
     bind_outputs: bool = True  # False once a bound run failed where a plain one did not
     _input_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
-    _output_names: set[str] = field(default_factory=set, repr=False)
+    _output_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _required: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self._input_index = {spec.name: spec for spec in self.inputs + self.overridable}
         self._required = [spec.name for spec in self.inputs]
-        self._output_names = {spec.name for spec in self.outputs}
+        self._output_index = {spec.name: spec for spec in self.outputs}
 
     @classmethod
     def open(cls, segment_name: str, settings: SessionSettings) -> ModelRuntime:
@@ -182,8 +182,9 @@ class ModelRuntime:
             "outputs": [s.to_wire() for s in self.outputs],
         }
 
-    def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None:
-        """Validate a request against the signature: the one place that does (principle 8)."""
+    def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, int]:
+        """Validate a request against the signature: the one place that does (principle 8).
+        Returns the size the inputs give each named dynamic dimension ("batch": 32)."""
         symbols: dict[str, tuple[int, str]] = {}
         for name, array in inputs.items():
             spec = self._input_index.get(name)
@@ -197,33 +198,29 @@ class ModelRuntime:
         if missing:
             raise errors.MissingInput(f"model {self.model!r} needs input(s) {', '.join(missing)}")
         for name in outputs or ():
-            if name not in self._output_names:
+            if name not in self._output_index:
                 raise errors.UnknownOutput(
                     f"model {self.model!r} has no output {brief(name)}; outputs: "
                     f"{', '.join(s.name for s in self.outputs)}")
+        return {name: size for name, (size, _) in symbols.items()}
 
-    def output_shapes(self, inputs: dict[str, np.ndarray], outputs: list[str] | None
+    def output_shapes(self, sizes: dict[str, int], outputs: list[str] | None
                       ) -> list[tuple[np.dtype[Any], tuple[int, ...]]] | None:
         """Each asked-for output's dtype and shape, known before running when every dim is a
-        number or a name the inputs give a size; None when any is not."""
+        number or a name ``sizes`` (from ``check``) gives; None when any is not."""
         if not self.bind_outputs:
             return None
-        symbols: dict[str, tuple[int, str]] = {}
-        for name, array in inputs.items():
-            check_symbols(self._input_index[name], array, symbols)
-        specs = {spec.name: spec for spec in self.outputs}
         known = []
-        for name in outputs or [spec.name for spec in self.outputs]:
-            spec = specs[name]
+        for name in outputs or list(self._output_index):
+            spec = self._output_index[name]
             if spec.shape is None or spec.numpy_dtype is None:
                 return None
             dims: list[int] = []
             for d in spec.shape:
-                if isinstance(d, str) and d in symbols:
-                    d = symbols[d][0]
-                if not isinstance(d, int):
+                size = sizes.get(d) if isinstance(d, str) else d
+                if size is None:
                     return None  # unnamed, or named by no input: known only once computed
-                dims.append(d)
+                dims.append(size)
             known.append((spec.numpy_dtype, tuple(dims)))
         return known
 

@@ -138,7 +138,6 @@ class Worker:
         self.stopping = asyncio.Event()
         self.hot_until = 0.0
         self.spinning = False
-        self.spin_after = True  # False for the reply to a call that computed SPIN_AFTER_BELOW+
         board = ConnectionBoard.attach(config.board) if config.board else None
         self.acceptor = Acceptor(self, listener, board, config.board_slot)
         self.control: ControlConnection | None = None
@@ -229,7 +228,7 @@ class Worker:
         client's next request usually arrives within tens of microseconds. While spinning, the
         loop polls with a zero timeout, so it still reads every socket at once. Called after
         a reply goes out, never while a model computes (its threads need the cores), and not
-        after a call that computed for a while (``spin_after``): its client is no quicker to
+        after a call that computed for a while (``send``'s ``hot``): its client is no quicker to
         send the next one, and needs a core now to read the answer, which a spinning loop
         next to ORT's spinning pool thread delayed by 0.17 ms (256 MiB MLP, 2 cores).
         """
@@ -325,14 +324,15 @@ class Worker:
 
     def start_infer(self, conn: ClientConnection, request: protocol.Request) -> None:
         runtime = self.runtime_for(request)
-        runtime.check(request.inputs, request.outputs)
+        sizes = runtime.check(request.inputs, request.outputs)
         if self.inflight >= self.config.max_inflight:
             raise errors.Overloaded(
                 f"worker {os.getpid()} has {self.inflight} requests in flight "
                 f"(limit {self.config.max_inflight}); retry later")
         self.inflight += 1
         conn.inflight += 1
-        job = Job(conn, request, runtime, time.perf_counter())
+        job = Job(conn, request, runtime, time.perf_counter(),
+                  self.output_destinations(conn, request, runtime, sizes))
         if self.running < self.config.concurrency and not self.turns:
             self.dispatch(job)
         else:
@@ -366,28 +366,27 @@ class Worker:
         self.running += 1
         loop = asyncio.get_running_loop()
         request = job.request
-        into = self.output_destinations(job)
         if self.run_inline(job.runtime):
             future: asyncio.Future[Any] = loop.create_future()
             try:
-                future.set_result(job.runtime.run(request.inputs, request.outputs, into))
+                future.set_result(job.runtime.run(request.inputs, request.outputs, job.into))
             except Exception as exc:
                 future.set_exception(exc)
             self.finish_infer(job, future)
             return
         future = loop.run_in_executor(self.pool, job.runtime.run, request.inputs,
-                                      request.outputs, into)
+                                      request.outputs, job.into)
         future.add_done_callback(lambda f: self.finish_infer(job, f))
 
     @staticmethod
-    def output_destinations(job: Job) -> list[np.ndarray] | None:
+    def output_destinations(conn: ClientConnection, request: protocol.Request,
+                            runtime: ModelRuntime, sizes: dict[str, int]) -> list[np.ndarray] | None:
         """Where in the client's arena ONNX Runtime may write the outputs itself: when the
         request names an output region and every output's shape is known beforehand."""
-        arena, out = job.conn.arena, job.request.out
-        if arena is None or out is None:
+        if conn.arena is None or request.out is None:
             return None
-        shapes = job.runtime.output_shapes(job.request.inputs, job.request.outputs)
-        return None if shapes is None else arena.destinations(shapes, out)
+        shapes = runtime.output_shapes(sizes, request.outputs)
+        return None if shapes is None else conn.arena.destinations(shapes, request.out)
 
     def run_inline(self, runtime: ModelRuntime) -> bool:
         """Run on the loop thread when the model is known to answer in well under a millisecond
@@ -398,7 +397,7 @@ class Worker:
                 and runtime.typical_seconds < INLINE_BELOW)
 
     def finish_infer(self, job: Job, future: asyncio.Future[Any]) -> None:
-        conn, request, runtime, started = job
+        conn, request, runtime, started, _ = job
         self.running -= 1
         self.inflight -= 1
         conn.inflight -= 1
@@ -415,14 +414,13 @@ class Worker:
         elapsed = time.perf_counter() - started
         self.request_stats.record(runtime.model, runtime.version,
                           "ok" if exc is None else getattr(exc, "code", "internal"), elapsed)
-        self.spin_after = elapsed < SPIN_AFTER_BELOW
         if exc is None:
             runtime.observe(elapsed)
         else:
             if not isinstance(exc, errors.RemoteError):
                 log.error("inference on %s failed: %s", runtime.model, exc)
             reply = protocol.error_reply(request.id, exc)
-        conn.send(reply)
+        conn.send(reply, hot=elapsed < SPIN_AFTER_BELOW)
         self.dispatch_next()
         conn.request_done()
 
@@ -508,6 +506,7 @@ class Job(NamedTuple):
     request: protocol.Request
     runtime: ModelRuntime
     started: float  # perf_counter when read: its latency counts the wait for a thread
+    into: list[np.ndarray] | None  # arena arrays ORT writes the outputs into, if known
 
 
 class Acceptor:
@@ -634,11 +633,12 @@ class FramedConnection(asyncio.Protocol):
     def on_message(self, msg: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def after_send(self) -> None:
+    def after_send(self, hot: bool) -> None:
         """Hook for subclasses: the client connection keeps its worker hot after replying."""
 
-    def send(self, msg: dict[str, Any]) -> None:
-        self.after_send()
+    def send(self, msg: dict[str, Any], hot: bool = True) -> None:
+        """``hot``: the loop may stay on the CPU after this reply (Worker.keep_hot)."""
+        self.after_send(hot)
         if self.transport is not None and not self.transport.is_closing():
             parts = protocol.encode_frame_parts(msg)
             if len(parts) == 1:
@@ -807,8 +807,7 @@ class ClientConnection(FramedConnection):
         self.update_reading()
         self.maybe_close()
 
-    def after_send(self) -> None:
-        hot, self.worker.spin_after = self.worker.spin_after, True  # set for one reply only
+    def after_send(self, hot: bool) -> None:
         if self.worker.inflight == 0 and hot:
             self.worker.keep_hot()
 

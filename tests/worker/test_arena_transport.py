@@ -282,7 +282,7 @@ def test_outputs_are_written_where_they_go_when_their_shapes_are_known(tmp_path:
     runtime = runtime_over(path, tmp_path)
     try:
         x = RNG.standard_normal((5, 16)).astype(np.float32)
-        shapes = runtime.output_shapes({"x": x}, None)
+        shapes = runtime.output_shapes(runtime.check({"x": x}, None), None)
         assert [(d.name, s) for d, s in shapes or []] == [("float32", (5, 8))]
         into = [np.full((5, 8), np.nan, np.float32)]
         pairs, _ = runtime.run({"x": x}, None, into)
@@ -307,13 +307,13 @@ def test_a_wrongly_declared_output_shape_falls_back_to_a_plain_run(tmp_path: Pat
     runtime = runtime_over(path, tmp_path)
     try:
         x = RNG.standard_normal((2, 16)).astype(np.float32)
-        shapes = runtime.output_shapes({"x": x}, None)
+        shapes = runtime.output_shapes(runtime.check({"x": x}, None), None)
         assert shapes is not None and shapes[0][1] == (2, 8)
         into = [np.zeros(shapes[0][1], np.float32)]
         pairs, _ = runtime.run({"x": x}, None, into)
         assert pairs[0][1].shape == (4, 8) and pairs[0][1] is not into[0]
         assert pairs[0][1].tobytes() == reference(path).run(None, {"x": x})[0].tobytes()
-        assert runtime.output_shapes({"x": x}, None) is None  # not bound again
+        assert runtime.output_shapes(runtime.check({"x": x}, None), None) is None  # not bound again
     finally:
         runtime.close()
 
@@ -323,6 +323,6 @@ def test_output_dims_no_input_names_are_not_bound(tmp_path: Path) -> None:
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "rows"  # not an input's
     runtime = runtime_over(models.save(model, tmp_path / "m.onnx"), tmp_path)
     try:
-        assert runtime.output_shapes({"x": np.zeros((3, 16), np.float32)}, None) is None
+        assert runtime.output_shapes(runtime.check({"x": np.zeros((3, 16), np.float32)}, None), None) is None
     finally:
         runtime.close()
