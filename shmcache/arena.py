@@ -42,12 +42,10 @@ call runs can only spoil that client's answer.
 from __future__ import annotations
 
 import fcntl
-import math
 import mmap
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -195,41 +193,19 @@ class WorkerArena:
         # The old mapping stays valid for arrays still over it; it goes with the last of them.
         self.map = mmap.mmap(self.fd, size)
 
-    @staticmethod
-    def plan(sizes: list[int], out: tuple[int, int]) -> list[int | None]:
-        """Where outputs of these byte sizes go in the output region, in order while they
-        fit; None for the ones that go inline."""
+    def place(self, arrays: list[np.ndarray], out: tuple[int, int]) -> list[int | None]:
+        """Copy arrays into the output region in order while they fit; the offset of each, or
+        None for the ones that go inline."""
         start, length = out
         cursor, end = start, start + length
         offsets: list[int | None] = []
-        for n in sizes:
+        for arr in arrays:
+            n = arr.nbytes
             if cursor + n > end:
                 offsets.append(None)
                 continue
+            dst = np.frombuffer(self.view(cursor, n), np.uint8)
+            dst[:] = arr.reshape(-1).view(np.uint8)  # wire_array made it C-contiguous
             offsets.append(cursor)
             cursor = align(cursor + n)
         return offsets
-
-    def place(self, arrays: list[np.ndarray], out: tuple[int, int]) -> list[int | None]:
-        """Copy arrays into the output region (``plan``); the offset of each, or None for the
-        ones that go inline. An array ONNX Runtime already wrote in its place is not copied."""
-        offsets = self.plan([arr.nbytes for arr in arrays], out)
-        for arr, offset in zip(arrays, offsets):
-            if offset is None:
-                continue
-            dst = np.frombuffer(self.view(offset, arr.nbytes), np.uint8)
-            if arr.nbytes and dst.ctypes.data == arr.ctypes.data:
-                continue  # bound there by worker.runtime (ModelRuntime.run's ``into``)
-            dst[:] = arr.reshape(-1).view(np.uint8)  # wire_array made it C-contiguous
-        return offsets
-
-    def destinations(self, shapes: list[tuple[np.dtype[Any], tuple[int, ...]]],
-                     out: tuple[int, int]) -> list[np.ndarray] | None:
-        """Arrays over the output region where outputs of these dtypes and shapes will be
-        placed, for ONNX Runtime to write into; None unless every one fits (and has bytes)."""
-        sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in shapes]
-        placed = [off for off in self.plan(sizes, out) if off is not None]
-        if 0 in sizes or len(placed) < len(sizes):
-            return None
-        return [np.frombuffer(self.view(off, n), dtype).reshape(shape)
-                for (dtype, shape), off, n in zip(shapes, placed, sizes)]

@@ -134,15 +134,14 @@ class ModelRuntime:
     served: int = 0
     warmed: bool = False
     typical_seconds: float = 1.0  # moving average of successful runs; decides inline runs
-    bind_outputs: bool = True  # False once a bound run failed where a plain one did not
     _input_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
-    _output_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
+    _output_names: set[str] = field(default_factory=set, repr=False)
     _required: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self._input_index = {spec.name: spec for spec in self.inputs + self.overridable}
         self._required = [spec.name for spec in self.inputs]
-        self._output_index = {spec.name: spec for spec in self.outputs}
+        self._output_names = {spec.name for spec in self.outputs}
 
     @classmethod
     def open(cls, segment_name: str, settings: SessionSettings) -> ModelRuntime:
@@ -182,9 +181,8 @@ class ModelRuntime:
             "outputs": [s.to_wire() for s in self.outputs],
         }
 
-    def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, int]:
-        """Validate a request against the signature: the one place that does (principle 8).
-        Returns the size the inputs give each named dynamic dimension ("batch": 32)."""
+    def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None:
+        """Validate a request against the signature: the one place that does (principle 8)."""
         symbols: dict[str, tuple[int, str]] = {}
         for name, array in inputs.items():
             spec = self._input_index.get(name)
@@ -198,44 +196,16 @@ class ModelRuntime:
         if missing:
             raise errors.MissingInput(f"model {self.model!r} needs input(s) {', '.join(missing)}")
         for name in outputs or ():
-            if name not in self._output_index:
+            if name not in self._output_names:
                 raise errors.UnknownOutput(
                     f"model {self.model!r} has no output {brief(name)}; outputs: "
                     f"{', '.join(s.name for s in self.outputs)}")
-        return {name: size for name, (size, _) in symbols.items()}
 
-    def output_shapes(self, sizes: dict[str, int], outputs: list[str] | None
-                      ) -> list[tuple[np.dtype[Any], tuple[int, ...]]] | None:
-        """Each asked-for output's dtype and shape, known before running when every dim is a
-        number or a name ``sizes`` (from ``check``) gives; None when any is not."""
-        if not self.bind_outputs:
-            return None
-        known = []
-        for name in outputs or list(self._output_index):
-            spec = self._output_index[name]
-            if spec.shape is None or spec.numpy_dtype is None:
-                return None
-            dims: list[int] = []
-            for d in spec.shape:
-                size = sizes.get(d) if isinstance(d, str) else d
-                if size is None:
-                    return None  # unnamed, or named by no input: known only once computed
-                dims.append(size)
-            known.append((spec.numpy_dtype, tuple(dims)))
-        return known
-
-    def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None,
-            into: list[np.ndarray] | None = None) -> tuple[list[tuple[str, np.ndarray]], float]:
+    def run(self, inputs: dict[str, np.ndarray],
+            outputs: list[str] | None) -> tuple[list[tuple[str, np.ndarray]], float]:
         """Run the session (called off the event loop); returns (name, array) pairs in order
-        and the seconds ORT's run took. ``into``: arrays of ``output_shapes`` where ORT writes
-        the outputs itself (a client's arena region), saving the copy there (0.17 ms a call
-        for 512 KiB of output, measured in process); if the model's declared shapes prove
-        wrong, it runs again the usual way, and never binds again."""
+        and the seconds ORT's run took."""
         names = outputs or [spec.name for spec in self.outputs]
-        if into is not None:
-            bound = self._run_bound(inputs, names, into)
-            if bound is not None:
-                return bound
         started = time.perf_counter()
         try:
             results = self.session.run(names, inputs)
@@ -253,30 +223,7 @@ class ModelRuntime:
             raise errors.ModelFailed(f"model {self.model!r} failed on these inputs: {exc}") from exc
         seconds = time.perf_counter() - started
         self.served += 1
-        if into is not None:
-            self.bind_outputs = False  # the bound run failed where the plain one did not
         return list(zip(names, results)), seconds
-
-    def _run_bound(self, inputs: dict[str, np.ndarray], names: list[str],
-                   into: list[np.ndarray]) -> tuple[list[tuple[str, np.ndarray]], float] | None:
-        """The run with outputs bound to ``into``; None if ORT refused it (run it plainly)."""
-        binding = self.session.io_binding()
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, array)
-        for name, array in zip(names, into):
-            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape),
-                                array.ctypes.data)
-        started = time.perf_counter()
-        try:
-            self.session.run_with_iobinding(binding)
-        except (RuntimeError,  # what run_with_iobinding raises ("Error in execution: ...")
-                ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-                ort.capi.onnxruntime_pybind11_state.Fail,
-                ort.capi.onnxruntime_pybind11_state.RuntimeException):
-            return None  # a declared shape that was wrong, or a failing node: the plain run says
-        seconds = time.perf_counter() - started
-        self.served += 1
-        return list(zip(names, into)), seconds
 
     def observe(self, seconds: float) -> None:
         self.typical_seconds += (seconds - self.typical_seconds) * 0.1

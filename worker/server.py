@@ -60,8 +60,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-import numpy as np
-
 from shmcache import errors, protocol
 from shmcache.arena import WorkerArena
 from shmcache.hugepages import transient_huge_pages
@@ -324,15 +322,14 @@ class Worker:
 
     def start_infer(self, conn: ClientConnection, request: protocol.Request) -> None:
         runtime = self.runtime_for(request)
-        sizes = runtime.check(request.inputs, request.outputs)
+        runtime.check(request.inputs, request.outputs)
         if self.inflight >= self.config.max_inflight:
             raise errors.Overloaded(
                 f"worker {os.getpid()} has {self.inflight} requests in flight "
                 f"(limit {self.config.max_inflight}); retry later")
         self.inflight += 1
         conn.inflight += 1
-        job = Job(conn, request, runtime, time.perf_counter(),
-                  self.output_destinations(conn, request, runtime, sizes))
+        job = Job(conn, request, runtime, time.perf_counter())
         if self.running < self.config.concurrency and not self.turns:
             self.dispatch(job)
         else:
@@ -365,28 +362,17 @@ class Worker:
     def dispatch(self, job: Job) -> None:
         self.running += 1
         loop = asyncio.get_running_loop()
-        request = job.request
         if self.run_inline(job.runtime):
             future: asyncio.Future[Any] = loop.create_future()
             try:
-                future.set_result(job.runtime.run(request.inputs, request.outputs, job.into))
+                future.set_result(job.runtime.run(job.request.inputs, job.request.outputs))
             except Exception as exc:
                 future.set_exception(exc)
             self.finish_infer(job, future)
             return
-        future = loop.run_in_executor(self.pool, job.runtime.run, request.inputs,
-                                      request.outputs, job.into)
+        future = loop.run_in_executor(self.pool, job.runtime.run, job.request.inputs,
+                                      job.request.outputs)
         future.add_done_callback(lambda f: self.finish_infer(job, f))
-
-    @staticmethod
-    def output_destinations(conn: ClientConnection, request: protocol.Request,
-                            runtime: ModelRuntime, sizes: dict[str, int]) -> list[np.ndarray] | None:
-        """Where in the client's arena ONNX Runtime may write the outputs itself: when the
-        request names an output region and every output's shape is known beforehand."""
-        if conn.arena is None or request.out is None:
-            return None
-        shapes = runtime.output_shapes(sizes, request.outputs)
-        return None if shapes is None else conn.arena.destinations(shapes, request.out)
 
     def run_inline(self, runtime: ModelRuntime) -> bool:
         """Run on the loop thread when the model is known to answer in well under a millisecond
@@ -397,7 +383,7 @@ class Worker:
                 and runtime.typical_seconds < INLINE_BELOW)
 
     def finish_infer(self, job: Job, future: asyncio.Future[Any]) -> None:
-        conn, request, runtime, started, _ = job
+        conn, request, runtime, started = job
         self.running -= 1
         self.inflight -= 1
         conn.inflight -= 1
@@ -420,6 +406,8 @@ class Worker:
             if not isinstance(exc, errors.RemoteError):
                 log.error("inference on %s failed: %s", runtime.model, exc)
             reply = protocol.error_reply(request.id, exc)
+        # This call's own time, not the runtime's average (which starts at 1 s): a fast
+        # model's first replies keep the loop hot too.
         conn.send(reply, hot=elapsed < SPIN_AFTER_BELOW)
         self.dispatch_next()
         conn.request_done()
@@ -506,7 +494,6 @@ class Job(NamedTuple):
     request: protocol.Request
     runtime: ModelRuntime
     started: float  # perf_counter when read: its latency counts the wait for a thread
-    into: list[np.ndarray] | None  # arena arrays ORT writes the outputs into, if known
 
 
 class Acceptor:

@@ -19,15 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import shmcache
 from shmcache import protocol
 from shmcache.arena import MIN_BYTES, ClientArena
 from tests import models
-from shmcache.registry import segment_name
-from tests.worker.harness import WorkerProcess, build_segment, running_worker
-from worker.runtime import ModelRuntime, SessionSettings
+from tests.worker.harness import WorkerProcess, running_worker
 from tests.worker.test_worker import reference
 
 RNG = np.random.default_rng(23)
@@ -266,63 +263,3 @@ def test_an_arena_the_worker_cannot_map_again_is_one_bad_request(
             assert ping_ok(sock)
     finally:
         os.close(fd)
-
-
-def runtime_over(path: Path, tmp_path: Path) -> ModelRuntime:
-    owned = build_segment(path, segment_name("arenatest", "m", 1), "m", tmp_path, False, "all")
-    runtime = ModelRuntime.open(owned.name, SessionSettings())
-    owned.unlink()  # the runtime keeps its mapping; nothing left in /dev/shm
-    return runtime
-
-
-def test_outputs_are_written_where_they_go_when_their_shapes_are_known(tmp_path: Path) -> None:
-    """ONNX Runtime writes each output straight into the client's arena region (no copy)
-    when the declared shapes give its size; the result is the same bits."""
-    path = models.save(models.mlp((16, 32, 8), seed=33), tmp_path / "m.onnx")
-    runtime = runtime_over(path, tmp_path)
-    try:
-        x = RNG.standard_normal((5, 16)).astype(np.float32)
-        shapes = runtime.output_shapes(runtime.check({"x": x}, None), None)
-        assert [(d.name, s) for d, s in shapes or []] == [("float32", (5, 8))]
-        into = [np.full((5, 8), np.nan, np.float32)]
-        pairs, _ = runtime.run({"x": x}, None, into)
-        assert pairs[0][1] is into[0]
-        assert into[0].tobytes() == reference(path).run(None, {"x": x})[0].tobytes()
-    finally:
-        runtime.close()
-
-
-def test_a_wrongly_declared_output_shape_falls_back_to_a_plain_run(tmp_path: Path) -> None:
-    """y is declared [batch, 8] but has twice the rows: the bound run fails, the plain one
-    answers, and that model's outputs are not bound again."""
-    weight = numpy_helper.from_array(RNG.standard_normal((16, 8)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Concat", ["x", "x"], ["xx"], axis=0),
-         helper.make_node("MatMul", ["xx", "w"], ["y"])], "doubled",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = models.save(model, tmp_path / "m.onnx")
-    runtime = runtime_over(path, tmp_path)
-    try:
-        x = RNG.standard_normal((2, 16)).astype(np.float32)
-        shapes = runtime.output_shapes(runtime.check({"x": x}, None), None)
-        assert shapes is not None and shapes[0][1] == (2, 8)
-        into = [np.zeros(shapes[0][1], np.float32)]
-        pairs, _ = runtime.run({"x": x}, None, into)
-        assert pairs[0][1].shape == (4, 8) and pairs[0][1] is not into[0]
-        assert pairs[0][1].tobytes() == reference(path).run(None, {"x": x})[0].tobytes()
-        assert runtime.output_shapes(runtime.check({"x": x}, None), None) is None  # not bound again
-    finally:
-        runtime.close()
-
-
-def test_output_dims_no_input_names_are_not_bound(tmp_path: Path) -> None:
-    model = models.mlp((16, 8), seed=35)
-    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "rows"  # not an input's
-    runtime = runtime_over(models.save(model, tmp_path / "m.onnx"), tmp_path)
-    try:
-        assert runtime.output_shapes(runtime.check({"x": np.zeros((3, 16), np.float32)}, None), None) is None
-    finally:
-        runtime.close()
