@@ -206,10 +206,10 @@ def format_status(status: dict[str, Any]) -> str:
             f"  restarts {status['restarts']}")
     workers = format_table(
         [(w["pid"], w["state"] if w.get("role", "active") == "active" else "standby",
-          f"{w['uptime']:.0f}s", w["served"],
+          f"{w['uptime']:.0f}s", w["served"], w.get("connections", 0),
           " ".join(f"{k}=v{v}" for k, v in sorted(w["versions"].items())),
           mib(w["shared"]), mib(w["uss"]), mib(w["pss"])) for w in status["workers"]],
-        ["pid", "state", "uptime", "served", "versions", "shared MiB", "private (USS) MiB",
+        ["pid", "state", "uptime", "served", "clients", "versions", "shared MiB", "private (USS) MiB",
          "PSS MiB"])
     models = format_table(
         [(m["name"], m["version"], versions_text(m.get("kept")), loading_text(m),

@@ -106,6 +106,7 @@ class WorkerHandle:
     last_beat: float = field(default_factory=time.monotonic)
     served: int = 0
     inflight: int = 0
+    connections: int = 0  # client connections it holds
     versions: dict[str, int] = field(default_factory=dict)
     retiring: bool = False  # to be replaced by a reload
     standby: bool = False  # warm, not accepting, until activated to replace an active worker
@@ -827,7 +828,9 @@ class Arbiter:
         elif op == "beat":
             w.served = int(msg.get("served", 0))
             w.inflight = int(msg.get("inflight", 0))
-            self.metrics.update_worker(w.pid, msg.get("requests"), inflight=w.inflight)
+            w.connections = int(msg.get("connections", 0))
+            self.metrics.update_worker(w.pid, msg.get("requests"), inflight=w.inflight,
+                                       connections=w.connections)
         elif op == "reply" and msg.get("id") in self.prepare_ids:
             self.on_prepared(w, msg)
         elif op == "reply" and msg.get("id") in w.catching_up:
@@ -837,6 +840,7 @@ class Arbiter:
         elif op == "reply" and msg.get("ok"):
             w.served = int(msg.get("served", w.served))
             w.inflight = int(msg.get("inflight", w.inflight))
+            w.connections = int(msg.get("connections", w.connections))
             for pending in self.pending_status:
                 pending.waiting.discard(w.pid)
             self.answer_status()
@@ -1063,7 +1067,7 @@ class Arbiter:
             "restarts": self.restarts,
             "workers": [dict(pid=w.pid, state=w.state, role=w.role, uptime=now - w.started,
                              served=w.served,
-                             inflight=w.inflight, versions=w.versions, **memory_of(w.pid))
+                             inflight=w.inflight, connections=w.connections, versions=w.versions, **memory_of(w.pid))
                         for w in sorted(self.workers.values(), key=lambda w: w.started)],
             "models": [dict(name=m.name, version=m.current, segment=m.segment.name,
                             size=m.segment.size, path=str(m.versions[m.current].file),

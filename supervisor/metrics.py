@@ -77,6 +77,7 @@ class Totals:
 class WorkerView:
     snapshot: Mapping[str, Any] = field(default_factory=dict)
     inflight: int = 0
+    connections: int = 0
 
 
 @dataclass
@@ -103,7 +104,7 @@ class MetricsRegistry:
         self.registry.register(_Collector(self))
 
     def update_worker(self, pid: int, snapshot: Mapping[str, Any] | None = None, *,
-                      inflight: int | None = None) -> None:
+                      inflight: int | None = None, connections: int | None = None) -> None:
         """Replace a live worker's totals with its latest snapshot (from a heartbeat)."""
         view = self.workers.setdefault(pid, WorkerView())
         if snapshot is not None:
@@ -112,6 +113,8 @@ class MetricsRegistry:
             view.snapshot = snapshot
         if inflight is not None:
             view.inflight = inflight
+        if connections is not None:
+            view.connections = connections
 
     def worker_gone(self, pid: int) -> None:
         """A worker exited: keep its last totals so the counters do not go backwards."""
@@ -154,6 +157,11 @@ class _Collector:
         for pid, view in sorted(self.m.workers.items()):
             inflight.add_metric([str(pid)], view.inflight)
         yield inflight
+        connections = GaugeMetricFamily("shmcache_client_connections",
+                                        "Client connections a worker holds now", labels=["pid"])
+        for pid, view in sorted(self.m.workers.items()):
+            connections.add_metric([str(pid)], view.connections)
+        yield connections
         yield CounterMetricFamily("shmcache_worker_restarts",
                                   "Workers replaced after dying unexpectedly", value=sup.restarts)
         segments = GaugeMetricFamily("shmcache_segment_bytes",

@@ -10,7 +10,8 @@ Control channel (same framing as the client protocol, ``shmcache.protocol``)::
 
     worker -> supervisor   {"op": "ready", "pid", "models": {name: version}}
                            {"op": "boot_failed", "reason"}        then exit WORKER_BOOT_ERROR
-                           {"op": "beat", "served", "inflight"}   every HEARTBEAT seconds
+                           {"op": "beat", "served", "inflight", "connections", "requests"}
+                                                          every HEARTBEAT seconds
                            {"op": "reply", "id", "ok", ...}       answer to a request below
     supervisor -> worker   {"op": "stats", "id"}
                            {"op": "activate"}   a standby starts accepting (see below)
@@ -203,6 +204,7 @@ class Worker:
             self.heap.maybe_trim(self.inflight)
             if self.control is not None:
                 self.control.send({"op": "beat", "served": self.served, "inflight": self.inflight,
+                                   "connections": len(self.connections),
                                    "requests": self.request_stats.snapshot()})
 
     async def drain(self) -> None:

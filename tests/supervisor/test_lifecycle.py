@@ -20,6 +20,7 @@ from onnx import helper
 
 import shmcache
 from shmcache import errors, registry
+from shmcache.cli import format_status
 from tests import models
 from tests.supervisor.daemon import Daemon, serving, wait_until
 from worker.runtime import SessionSettings
@@ -95,14 +96,25 @@ def test_each_new_connection_goes_to_the_least_connected_worker(daemon: Daemon) 
             c.close()
 
 
+def connections_by_worker(daemon: Daemon) -> list[int]:
+    """What each active worker says it holds (status asks them afresh)."""
+    return sorted(w["connections"] for w in daemon.status()["workers"] if w["role"] == "active")
+
+
 def test_new_connections_are_not_held_back_by_the_ones_already_open(daemon: Daemon) -> None:
     """Twenty idle connections open, ten per worker: a new one is still accepted at once by
     whichever worker holds fewest (it waited 50 ms once each worker held five), and the load
-    stays even."""
+    stays even.
+
+    Even means within one connection of 10/10 (and of 12/12 below), not exactly: a worker counts
+    a connection until its loop has read the close, and one that is late to wake (CI's two
+    cores, busy) lets the other take a connection after ACCEPT_STEP. Whoever-wakes-first, the
+    behaviour this replaced, put 3 of 3 on one worker in half the runs of benchmarks/swap.py."""
     held = [shmcache.Client(str(daemon.socket)) for _ in range(20)]
     try:
         pids = [c.ping()["pid"] for c in held]
-        assert sorted(Counter(pids).values()) == [10, 10], Counter(pids)
+        assert sorted(Counter(pids).values()) in ([10, 10], [9, 11]), Counter(pids)
+        assert connections_by_worker(daemon) == sorted(Counter(pids).values())
         took = []
         for _ in range(20):
             started = time.perf_counter()
@@ -111,13 +123,15 @@ def test_new_connections_are_not_held_back_by_the_ones_already_open(daemon: Daem
             took.append(time.perf_counter() - started)
         took.sort()
         assert took[len(took) // 2] < 0.010, [f"{t * 1e3:.1f} ms" for t in took]
+        settled = sorted(Counter(pids).values())  # once the workers have read those closes
+        wait_until(lambda: connections_by_worker(daemon) == settled, 10, "closes noticed")
         more = [shmcache.Client(str(daemon.socket)) for _ in range(4)]
         try:
             pids += [c.ping()["pid"] for c in more]
         finally:
             for c in more:
                 c.close()
-        assert sorted(Counter(pids).values()) == [12, 12], Counter(pids)
+        assert sorted(Counter(pids).values()) in ([12, 12], [11, 13]), Counter(pids)
     finally:
         for c in held:
             c.close()
@@ -265,10 +279,15 @@ def test_status_reports_workers_models_and_memory(daemon: Daemon) -> None:
     with shmcache.Client(str(daemon.socket)) as c:
         for _ in range(5):
             c.run("mlp", None, {"x": np.zeros((1, 64), np.float32)})
-    status = daemon.status()
+        status = daemon.status()
     active = [w for w in status["workers"] if w["role"] == "active"]
     assert status["ready"] and len(active) == 2
     assert sum(w["served"] for w in active) >= 5
+    assert sorted(w["connections"] for w in active) == [0, 1]  # the client above
+    header, *rows = format_status(status).split("\n\n")[1].splitlines()
+    column = header.split().index("clients")
+    assert sorted(row.split()[column] for row in rows) == sorted(  # the standby's row too
+        str(w["connections"]) for w in status["workers"])
     for w in active:
         assert w["versions"] == {"mlp": 1, "slow": 1}
         assert w["uss"] > 0 and w["pss"] >= w["uss"] and w["shared"] > 0

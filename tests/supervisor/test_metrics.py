@@ -159,7 +159,7 @@ def worker_stats(n_ok: int, n_err: int = 0, seconds: float = 0.002) -> RequestSt
 def test_counters_sum_workers_and_move_as_requests_are_recorded(
         harness: Harness, metrics: MetricsRegistry) -> None:
     a, b = worker_stats(3, 1), worker_stats(2)
-    metrics.update_worker(101, a.snapshot(), inflight=2)
+    metrics.update_worker(101, a.snapshot(), inflight=2, connections=3)
     metrics.update_worker(102, b.snapshot(), inflight=0)
     ok = key("shmcache_requests_total", model="emb", version="1", outcome="ok")
     first = harness.scrape()
@@ -175,6 +175,8 @@ def test_counters_sum_workers_and_move_as_requests_are_recorded(
     assert first[key("shmcache_request_duration_seconds_sum", model="emb",
                      version="1")] == pytest.approx(0.012)
     assert first[key("shmcache_inflight_requests", pid="101")] == 2
+    assert first[key("shmcache_client_connections", pid="101")] == 3
+    assert first[key("shmcache_client_connections", pid="102")] == 0
 
     for _ in range(4):
         a.record("emb", 1, "ok", 0.5)
@@ -184,6 +186,7 @@ def test_counters_sum_workers_and_move_as_requests_are_recorded(
     assert second[key("shmcache_request_duration_seconds_bucket", model="emb", version="1",
                       le="0.5")] == 10
     assert second[key("shmcache_inflight_requests", pid="101")] == 2  # kept when not given
+    assert second[key("shmcache_client_connections", pid="101")] == 3
 
 
 def test_dead_worker_totals_are_kept_so_counters_never_go_backwards(
