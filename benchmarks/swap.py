@@ -6,11 +6,17 @@ from weight set A (``make_mlp_seeded`` seed 7 = ``make_mlp``); set B has the sam
 signature, other weights (seed 11). ``--clients`` threads, each with its own blocking Client, call
 the model without pause on a fixed pool of 8 inputs at batch 8, first for ``--steady`` seconds
 (steady state), then while the main thread publishes ``--publishes`` times, alternating B, A, B...
-through the control socket, one after the other, then ``SETTLE`` seconds (the standby catches up,
-the dropped version is freed) and ``--steady`` seconds more of steady state. The steady state
-the swaps are judged against is both windows together: the run lasts minutes on a shared host,
-and one window before the swaps moved by 20 % between runs (p50 47.9 / 57.3 ms, 2026-11-28);
-bracketing the swaps evens out drift over the run. Each window is printed on its own too.
+through the control socket. After each publish returns, the main thread waits until every worker
+(the standby too) reports the new version, ``SETTLE`` seconds more (the dropped version is
+freed), then ``--gap`` seconds of steady state before the next publish; after the last,
+``--steady`` seconds more.
+
+The steady state the swaps are judged against is all those windows together, so that it
+samples the same minutes as the swaps (STYLE.md principle 12). Two windows alone, one before and
+one after the swaps (~500 calls each), gave a steady p99 anywhere from 71 to 156 ms between runs
+of the same code (2026-11-28), and with it a swap/steady p99 ratio from 0.89x to 2.49x: the 3
+clients of 2 workers fall into one queueing pattern for seconds at a time, and a 10 s window
+sees one or two. Each kind of window is printed on its own too.
 
 Checked, for every call:
   * it succeeded;
@@ -29,7 +35,7 @@ Targets (issue): flip at most 1 s after the segment is written (prepare <= 1 s);
 <= 2 x steady-state p99.
 
 Usage: python benchmarks/swap.py [--mib 256] [--publishes 20] [--workers 2] [--threads 1]
-                                 [--clients 3] [--steady 10] [--no-huge-pages]
+                                 [--clients 3] [--steady 10] [--gap 3] [--no-huge-pages]
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ from worker.runtime import SessionSettings  # noqa: E402
 
 FLIP_TARGET_S = 1.0
 P99_TARGET = 2.0
-SETTLE = 3.0  # seconds after the last publish before the second steady window
+SETTLE = 1.0  # seconds after every worker has the new version before a steady window
+CAUGHT_UP_TIMEOUT = 60.0
 POOL = 8
 BATCH = 8
 
@@ -67,7 +74,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
     p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--steady", type=float, default=10.0, help="seconds of steady state first")
+    p.add_argument("--steady", type=float, default=10.0,
+                   help="seconds of steady state before the first publish and after the last")
+    p.add_argument("--gap", type=float, default=3.0,
+                   help="seconds of steady state between publishes (once every worker caught up)")
     p.add_argument("--no-prepack", action="store_true", help="serve plain segments")
     p.add_argument("--no-huge-pages", action="store_true",
                    help="the daemon's --no-huge-pages (no huge pages for the prepare's re-packs)")
@@ -125,6 +135,27 @@ def phase_windows(publishes: list[dict]) -> dict[str, list[tuple[float, float]]]
     return out
 
 
+def wait_caught_up(daemon: ServeDaemon, version: int) -> None:
+    """Until every worker, the standby included, serves ``version``: a standby catches up in
+    the background after the flip, and its session creation is not steady state."""
+    deadline = time.perf_counter() + CAUGHT_UP_TIMEOUT
+    while time.perf_counter() < deadline:
+        workers = daemon.status()["workers"]
+        if all(w["versions"].get("mlp") == version for w in workers):
+            return
+        time.sleep(0.1)
+    print(f"warning: not every worker reached v{version} in {CAUGHT_UP_TIMEOUT:.0f} s",
+          file=sys.stderr)
+
+
+def steady_window(daemon: ServeDaemon, version: int, seconds: float) -> tuple[float, float]:
+    wait_caught_up(daemon, version)
+    time.sleep(SETTLE)
+    start = time.perf_counter()
+    time.sleep(seconds)
+    return start, time.perf_counter()
+
+
 def references(path: Path, options: ort.SessionOptions, inputs: list[np.ndarray]) -> list[bytes]:
     s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return [digest(s.run(None, {"x": x})[0]) for x in inputs]
@@ -166,6 +197,8 @@ def main() -> int:
             steady_start = time.perf_counter()
             time.sleep(args.steady)
             steady_end = time.perf_counter()
+            gaps: list[tuple[float, float]] = []
+            version = first_version
             with Client(daemon.ctl, timeout=900.0) as ctl:
                 for k in range(1, args.publishes + 1):
                     which = "B" if k % 2 else "A"
@@ -181,12 +214,11 @@ def main() -> int:
                     print(f"publish {k}/{args.publishes} {which}: "
                           f"{reply.get('version', error)} {reply.get('timings', '')}",
                           file=sys.stderr, flush=True)
-            swap_end = time.perf_counter()
+                    version = reply.get("version", version)
+                    if k < args.publishes and args.gap > 0:
+                        gaps.append(steady_window(daemon, version, args.gap))
             # calls sent after the last return: the version check covers them too
-            time.sleep(SETTLE)
-            after_start = time.perf_counter()
-            time.sleep(args.steady)
-            after_end = time.perf_counter()
+            after_start, after_end = steady_window(daemon, version, args.steady)
             stop.set()
             for t in threads:
                 t.join()
@@ -216,11 +248,14 @@ def main() -> int:
             continue
         stale += [(p["k"], c) for c in everything if not c.error and c.sent > p["returned"]
                   and c.version < p["reply"]["version"]]
-    before = [c.done - c.sent for c in everything if steady_start <= c.sent < steady_end]
-    after = [c.done - c.sent for c in everything if after_start <= c.sent < after_end]
-    steady = before + after
-    swap_start = publishes[0]["start"] if publishes else steady_end
-    swapping = [c.done - c.sent for c in everything if swap_start <= c.sent < swap_end]
+    def sent_in(windows: list[tuple[float, float]]) -> list[float]:
+        return [c.done - c.sent for c in everything if any(a <= c.sent < b for a, b in windows)]
+
+    before = sent_in([(steady_start, steady_end)])
+    between = sent_in(gaps)
+    after = sent_in([(after_start, after_end)])
+    steady = before + between + after
+    swapping = sent_in([(p["start"], p["returned"]) for p in publishes])
 
     rows = []
     for p in publishes:
@@ -251,15 +286,15 @@ def main() -> int:
                     ["phase", "p50 s", "max s"]))
     print()
     phases = phase_windows(publishes)
-    in_phase = {name: [c.done - c.sent for c in everything
-                       if any(a <= c.sent < b for a, b in phases[name])] for name in phases}
-    lat = [["steady state (both windows: the baseline)", len(steady)],
-           ["  before the first publish", len(before)],
-           [f"  after the last publish (+{SETTLE:.0f} s)", len(after)],
-           ["during swaps (first publish start -> last return)", len(swapping)],
+    in_phase = {name: sent_in(phases[name]) for name in phases}
+    lat = [["steady state (all windows below: the baseline)", len(steady)],
+           [f"  {args.steady:.0f} s before the first publish", len(before)],
+           [f"  {len(gaps)} x {args.gap:.0f} s between publishes", len(between)],
+           [f"  {args.steady:.0f} s after the last publish", len(after)],
+           ["during swaps (each publish's start -> return)", len(swapping)],
            ["  of which sent while a segment was written", len(in_phase["write"])],
            ["  of which sent while workers prepared", len(in_phase["prepare"])]]
-    for row, v in zip(lat, (steady, before, after, swapping, in_phase["write"],
+    for row, v in zip(lat, (steady, before, between, after, swapping, in_phase["write"],
                             in_phase["prepare"])):
         row += [f"{percentile(v, 50) * 1e3:.2f}", f"{percentile(v, 99) * 1e3:.2f}",
                 f"{max(v) * 1e3:.2f}"] if v else ["-", "-", "-"]
@@ -267,7 +302,8 @@ def main() -> int:
     ratio50 = percentile(swapping, 50) / percentile(steady, 50) if steady and swapping else float("nan")
     print(table(lat, ["window", "calls", "p50 ms", "p99 ms", "max ms"]))
     each = ", ".join(f"{name} alone {percentile(swapping, 99) / percentile(v, 99):.2f}x"
-                     for name, v in (("before", before), ("after", after)) if v and swapping)
+                     for name, v in (("before", before), ("between", between), ("after", after))
+                     if v and swapping)
     print(f"ratio swap/steady: p50 {ratio50:.2f}x, p99 {ratio99:.2f}x (p99 against {each})")
     print()
     versions = sorted({c.version for c in everything if c.version is not None})
