@@ -28,6 +28,7 @@ from shmcache.segment import KIND_BLOB, Segment
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_CONFIG = 78  # as the supervisor's EXIT_STARTUP: the unit does not restart on it
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -122,7 +123,7 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("graceful_timeout", float, "seconds a stopping worker gets to answer what it read (30)"),
     ("boot_timeout", float, "seconds a worker (or a publish) gets to load and warm up (600)"),
     ("max_boot_failures", int, "boot failures in a row that stop the daemon (5)"),
-    ("heartbeat_timeout", float, "seconds of worker silence before it is killed (30)"),
+    ("heartbeat_timeout", float, "seconds of worker silence before it is killed (10)"),
     ("state_dir", Path, "published versions and caches (/var/lib/shmcache for root)"),
     ("keep", int, "earlier versions kept loaded for rollback (1)"),
     ("group", str, "group owning the client socket and segments (modes 0660/0640)"),
@@ -171,8 +172,13 @@ def serve_config(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from supervisor.arbiter import serve
+    from supervisor.config import ConfigError
 
-    config = serve_config(args)
+    try:
+        config = serve_config(args).validate()
+    except ConfigError as exc:
+        print(f"shmcache serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if config.huge_pages:
         hugepages.reexec_with_tunable()  # returns only when it would change nothing
         hugepages.keep_small_pages()

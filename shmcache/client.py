@@ -214,6 +214,7 @@ class _Connection:
         self._state = threading.Lock()
         self.in_call = False
         self.closed = False
+        self.refused = False  # the server refused a frame as a whole and closes this connection
 
     def close(self) -> None:
         """Close from any thread. A call in flight on the owning thread is woken, not left to
@@ -274,6 +275,7 @@ class _Connection:
                 return reply
             if reply.get("ok") is False and reply.get("id") in (None, 0):
                 # The server refused our frame as a whole and will close the connection.
+                self.refused = True
                 protocol.check_reply(reply)
             # Any other id is not ours to answer; with one call at a time it cannot happen
             # unless the peer misbehaves, so drop it.
@@ -639,6 +641,10 @@ class Client:
                     raise _connection_failed(self.socket_path, exc) from exc
             except (errors.Malformed, errors.FrameTooLarge):
                 self._drop(conn)
+                raise
+            except errors.RemoteError:
+                if conn is not None and conn.refused:  # e.g. the early door's not_ready to a
+                    self._drop(conn)                   # frame it would not read: retry afresh
                 raise
         raise AssertionError("unreachable")
 

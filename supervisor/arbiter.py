@@ -24,8 +24,11 @@ Signals:
     CHLD       (wakes the loop to reap)
     =========  ===========================================================================
 
-Exit codes: EXIT_OK 0; EXIT_STARTUP 1 (a startup check failed: model, socket, /dev/shm);
-EXIT_BOOT_LOOP 3 (workers failed to boot repeatedly; same value as worker.WORKER_BOOT_ERROR).
+Exit codes: EXIT_OK 0; EXIT_STARTUP 78 (EX_CONFIG: a startup check failed: configuration,
+model, socket, /dev/shm; the CLI exits 78 for a configuration error too); EXIT_BOOT_LOOP 3
+(workers failed to boot repeatedly; same value as worker.WORKER_BOOT_ERROR). None of these is
+mended by starting again, so the unit does not restart on them (RestartPreventExitStatus); any
+other failure (1: an uncaught exception, a signal) is restarted.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import json
 import logging
 from collections import Counter
 import os
+import resource
 import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -54,7 +59,7 @@ from shmcache.model import model_digest
 from shmcache.segment import OwnedSegment, Segment
 from shmcache.state import ConnectionBoard, VersionTable
 from worker.heap import load_glibc, trim_heap
-from supervisor.config import ServeConfig
+from supervisor.config import ConfigError, ServeConfig
 from supervisor.memlock import LockedSegment, MemoryLockError, lock_segment
 from supervisor.metrics import HttpEndpoint, MetricsRegistry, standard_routes
 from supervisor.notify import Notifier
@@ -65,18 +70,36 @@ from supervisor.versions import Manifest, ModelState, Version
 log = logging.getLogger("shmcache.supervisor")
 
 EXIT_OK = 0
-EXIT_STARTUP = 1
+EXIT_STARTUP = 78  # sysexits.h EX_CONFIG
 EXIT_BOOT_LOOP = 3
 WORKER_BOOT_ERROR = 3  # keep in step with worker.server.WORKER_BOOT_ERROR (not imported: ORT)
 FAST_STOP_SECONDS = 5.0
 ANSWERING_WITHIN = 3.5  # seconds: three missed heartbeats and the watchdog stops being fed
+AWAY_AFTER = 2.0  # seconds between ticks past which the supervisor itself was stopped or starved
 TICK = 0.25
+MAX_SOCKET_PATH = 107  # bytes in a Unix socket's path (sun_path, less its NUL)
+ACCEPT_PAUSE = 0.1  # seconds a listener rests after accept() failed (out of fds, say)
+MAX_CONTROL_PEERS = 64  # control connections held at once; more are closed as they come
+MAX_EARLY_PEERS = 256  # clients answered by the early door at once, likewise
+EARLY_MAX_FRAME = 2**20  # the early door answers not_ready to anything: it need not read more
 CONTROL_OPS = frozenset({"ping", "status", "health", "publish", "publish_status", "rollback"})
 
 SIGNALS = {
     signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit", signal.SIGHUP: "hup",
     signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGCHLD: "chld",
 }
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (systemd's default soft limit is 1024): each
+    client holds a connection to a worker, and the workers inherit this. The supervisor's own
+    client connections are capped (MAX_EARLY_PEERS, MAX_CONTROL_PEERS) well below it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
 
 
 def read_back(owned: OwnedSegment) -> tuple[bool, bytes | None, bytes | None]:
@@ -201,6 +224,8 @@ class Arbiter:
         self.pending_status: list[PendingStatus] = []
         self.next_control_id = 1
         self.early_peers: set[Peer] = set()
+        self.accept_paused: dict[socket.socket, float] = {}  # listener -> resume at (monotonic)
+        self.last_tick = time.monotonic()
         self.started = time.time()
         self.last_watchdog = 0.0
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -214,7 +239,7 @@ class Arbiter:
             while self.phase != "done":
                 self.wait_and_dispatch()
                 self.tick()
-        except StartupError as exc:
+        except (StartupError, ConfigError) as exc:
             log.error("%s", exc)
             self.exit_code = EXIT_STARTUP
         finally:
@@ -223,6 +248,12 @@ class Arbiter:
 
     def start(self) -> None:
         self.install_signals()
+        raise_fd_limit()
+        # What the daemon writes (the state directory's published versions and caches, the
+        # builder's files) is as private as its segments: 0600, or 0640 with a group. The
+        # unit's UMask=0027 covered this only under systemd.
+        os.umask(0o027 if self.cfg.group is not None else 0o077)
+        self.check_group()
         self.check_models()
         self.check_socket_free(self.cfg.socket)
         self.check_socket_free(self.cfg.control_socket)
@@ -267,8 +298,24 @@ class Arbiter:
             if not spec.path.is_file() or not os.access(spec.path, os.R_OK):
                 raise StartupError(f"model {spec.name!r}: {str(spec.path)!r} is not a readable file")
 
+    def check_group(self) -> None:
+        """--group: the sockets and segments are given to it, which only its members (or root)
+        may do; say so before anything is created rather than fail half-way."""
+        gid = self.cfg.group_id()
+        if gid is None or os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups():
+            return
+        raise StartupError(f"group = {self.cfg.group!r}: uid {os.geteuid()} is not a member, "
+                           "so it cannot give the sockets and segments to that group")
+
     def check_socket_free(self, path: Path) -> None:
-        """Refuse to steal a live daemon's socket; remove a dead one's leftover socket file."""
+        """Refuse to steal a live daemon's socket; remove a dead one's leftover socket file,
+        and nothing else: a regular file given as --socket by mistake was once unlinked."""
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise StartupError(
+                f"socket path {path} is {len(os.fsencode(path))} bytes; a Unix socket's path "
+                f"can be at most {MAX_SOCKET_PATH} (the control socket adds "
+                f"{len(os.fsencode(self.cfg.control_socket)) - len(os.fsencode(self.cfg.socket))}"
+                f" to --socket)")
         directory = path.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -276,8 +323,13 @@ class Arbiter:
             raise StartupError(f"cannot create socket directory {directory}: {exc.strerror}") from exc
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StartupError(f"socket directory {directory} is not writable by uid {os.geteuid()}")
-        if not path.exists() and not path.is_symlink():
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
             return
+        if not stat.S_ISSOCK(mode):
+            raise StartupError(f"{path} exists and is not a socket; not replacing it "
+                               "(choose another --socket)")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(2.0)
         try:
@@ -411,12 +463,21 @@ class Arbiter:
         old_umask = os.umask(0o777 & ~mode)  # no window in which the socket is more open
         try:
             sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
         finally:
             os.umask(old_umask)
         os.chmod(path, mode)
         gid = self.cfg.group_id()
         if gid is not None and mode & 0o070:
-            os.chown(path, -1, gid)
+            try:
+                os.chown(path, -1, gid)
+            except OSError as exc:  # a group this user is not in
+                sock.close()
+                path.unlink(missing_ok=True)
+                raise StartupError(f"cannot give {path} to group {self.cfg.group!r}: "
+                                   f"{exc.strerror}") from exc
         sock.listen(backlog)
         sock.setblocking(False)
         return sock
@@ -441,6 +502,8 @@ class Arbiter:
                 pass
 
     def tick(self) -> None:
+        self.excuse_workers_for_our_absence()
+        self.resume_accepting()
         self.reap_workers()
         self.reap_builds()
         if self.phase == "running":
@@ -700,8 +763,14 @@ class Arbiter:
         retiring = [w for w in live if w.retiring]
         booting = [w for w in fresh if w.state == "booting"]
         if retiring:
+            # A reload: each new worker ready before an old one stops, so capacity never dips
+            # below the target. (Counting new workers still booting stopped the second old one
+            # as soon as its replacement was forked: 1 of 2 ready for the length of a boot.)
             ready_fresh = [w for w in fresh if w.state == "ready"]
-            if len(ready_fresh) + len(retiring) > self.target or (ready_fresh and len(fresh) >= self.target):
+            never_ready = [w for w in retiring if w.state != "ready"]
+            if never_ready:  # serves no one: nothing to wait for
+                self.stop_worker(never_ready[0])
+            elif len(ready_fresh) + len(retiring) > self.target:
                 self.stop_worker(retiring[0])
             elif not booting and len(fresh) < self.target:
                 self.spawn_worker()
@@ -889,6 +958,23 @@ class Arbiter:
         self.restarts += 1
         log.warning("worker %d died (%s); replacing it", w.pid, how)
 
+    def excuse_workers_for_our_absence(self) -> None:
+        """After the supervisor itself was stopped (SIGSTOP, a frozen cgroup, a paused VM) or
+        starved, every heartbeat it has not read yet looks late: restart the clocks instead
+        of killing workers that served all along (they did: 16,912 calls during an 8 s stop,
+        and were then all killed as silent)."""
+        now = time.monotonic()
+        away = now - self.last_tick
+        self.last_tick = now
+        if away < AWAY_AFTER:
+            return
+        log.warning("the supervisor did not run for %.1fs; not holding it against the workers",
+                    away)
+        for w in self.workers.values():
+            w.last_beat = max(w.last_beat, now)
+            if w.state == "booting":  # boot_timeout counts time we were there to see
+                w.started += away
+
     def murder_stale_workers(self) -> None:
         now = time.monotonic()
         for w in list(self.workers.values()):
@@ -928,11 +1014,12 @@ class Arbiter:
             self.notifier.notify("WATCHDOG=1")
 
     def workers_answering(self, now: float) -> bool:
-        """At least one ready worker, and every ready one heard from within ANSWERING_WITHIN:
-        the watchdog must not vouch for a daemon whose workers are all gone or hung (the
-        MLServer "healthy with all workers down" complaint in RESEARCH.md)."""
-        ready = self.ready_workers()
-        return bool(ready) and all(now - w.last_beat < ANSWERING_WITHIN for w in ready)
+        """Some ready worker heard from within ANSWERING_WITHIN: the watchdog must not vouch
+        for a daemon whose workers are all gone or hung (the MLServer "healthy with all workers
+        down" complaint in RESEARCH.md). One hung worker among healthy ones is ours to replace
+        (heartbeat_timeout); requiring every worker to answer made systemd restart the whole
+        service for it, with the healthy workers and their clients."""
+        return any(now - w.last_beat < ANSWERING_WITHIN for w in self.ready_workers())
 
     def notify_ready(self) -> None:
         self.notifier.notify("READY=1", "STATUS=" + self.status_line())
@@ -963,11 +1050,13 @@ class Arbiter:
 
     def update_early_door(self) -> None:
         if self.phase in ("building", "running") and not self.ready_workers():
-            if self.listener is not None:
+            if self.listener is not None and self.listener not in self.accept_paused:
                 self.open_early_door()
 
     def accept_early(self, listener: socket.socket) -> None:
-        peer = self.accept(listener, self.early_peers, protocol.DEFAULT_MAX_FRAME)
+        peer = self.accept(listener, self.early_peers, EARLY_MAX_FRAME, MAX_EARLY_PEERS,
+                           too_large=errors.NotReady(
+                               "shmcache is starting; no worker is ready yet"))
         if peer is not None:
             self.sel.register(peer, selectors.EVENT_READ, self.on_early_readable)
 
@@ -998,18 +1087,45 @@ class Arbiter:
     # --- control socket -------------------------------------------------------------------------
 
     def accept_control(self, listener: socket.socket) -> None:
-        peer = self.accept(listener, self.ctl_peers, 64 * 2**20)
+        peer = self.accept(listener, self.ctl_peers, 64 * 2**20, MAX_CONTROL_PEERS)
         if peer is not None:
             self.sel.register(peer, selectors.EVENT_READ, self.on_control_readable)
 
-    def accept(self, listener: socket.socket, into: set[Peer], max_frame: int) -> Peer | None:
+    def accept(self, listener: socket.socket, into: set[Peer], max_frame: int, limit: int,
+               too_large: errors.RemoteError | None = None) -> Peer | None:
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return None
-        peer = Peer(sock, max_frame, requests=True)
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: it crashed the supervisor once
+            self.pause_accepting(listener, exc)
+            return None
+        if len(into) >= limit:
+            sock.close()  # the client sees its connection closed: a retryable error
+            return None
+        peer = Peer(sock, max_frame, requests=True, too_large=too_large)
         into.add(peer)
         return peer
+
+    def pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
+        """Rest a listener that cannot accept: it stays readable, so the loop would spin."""
+        log.warning("cannot accept on %s: %s; retrying in %.1fs", listener.getsockname(), exc,
+                    ACCEPT_PAUSE)
+        try:
+            self.sel.unregister(listener)
+        except (KeyError, ValueError):
+            pass
+        self.accept_paused[listener] = time.monotonic() + ACCEPT_PAUSE
+
+    def resume_accepting(self) -> None:
+        now = time.monotonic()
+        for listener, until in list(self.accept_paused.items()):
+            if now < until or self.phase in ("stopping", "done"):
+                continue
+            del self.accept_paused[listener]
+            if listener is self.ctl_listener:
+                self.sel.register(listener, selectors.EVENT_READ, self.accept_control)
+            # the client socket: update_early_door() opens it again while no worker is ready
 
     def on_control_readable(self, peer: Peer) -> None:
         for request in self.read_requests(peer, CONTROL_OPS):

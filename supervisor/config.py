@@ -6,6 +6,7 @@ and ``SHMCACHE_*`` environment variables; validated here, so the supervisor trus
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,11 @@ from shmcache.registry import check_model_name
 
 class ConfigError(ShmcacheError):
     """An option has an invalid value; the message names the option."""
+
+
+def seconds(value: float, low: float, high: float) -> bool:
+    """A duration in range: NaN and infinity are not (a NaN heartbeat_timeout never fired)."""
+    return math.isfinite(value) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,11 @@ class ServeConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     graceful_timeout: float = 30.0
     boot_timeout: float = 600.0
-    heartbeat_timeout: float = 30.0
+    # A hung worker's clients get a connection error, which they retry on another worker,
+    # within their own default timeout (30 s) rather than a Timeout at it. Session creation
+    # and inference run with the GIL released, off the worker's loop: its beat is never late
+    # by more than milliseconds while it works.
+    heartbeat_timeout: float = 10.0
     warmup_parallel: int = 2
     build_parallel: int = 2
     max_boot_failures: int = 5
@@ -104,11 +114,15 @@ class ServeConfig:
             ("threads", self.threads is None or 1 <= self.threads <= 1024, "must be >= 1"),
             ("max_inflight", self.max_inflight >= 1, "must be >= 1"),
             ("max_frame", 1024 <= self.max_frame <= 2**32 - 1, "must be 1 KiB .. 4 GiB"),
-            ("graceful_timeout", self.graceful_timeout > 0, "must be > 0 seconds"),
+            ("graceful_timeout", seconds(self.graceful_timeout, 0.1, 3600), "must be 0.1 .. 3600 s"),
+            ("boot_timeout", seconds(self.boot_timeout, 1, 86400), "must be 1 .. 86400 s"),
+            # >= 3 heartbeats (one a second): fewer killed healthy workers in a loop
+            ("heartbeat_timeout", seconds(self.heartbeat_timeout, 3, 3600), "must be 3 .. 3600 s"),
+            ("max_boot_failures", self.max_boot_failures >= 1, "must be >= 1"),
             ("warmup_parallel", self.warmup_parallel >= 1, "must be >= 1"),
             ("build_parallel", self.build_parallel >= 1, "must be >= 1"),
             ("keep", self.keep >= 0, "must be >= 0"),
-            ("spin", 0 <= self.spin <= 0.1, "must be 0 .. 0.1 seconds"),
+            ("spin", seconds(self.spin, 0, 0.1), "must be 0 .. 0.1 seconds"),
             ("optimization", self.optimization in ("disabled", "basic", "extended", "all"),
              "must be one of disabled, basic, extended, all"),
             ("log_level", self.log_level in ("debug", "info", "warning", "error"),

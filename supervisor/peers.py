@@ -4,6 +4,13 @@ The supervisor has no event loop and no threads (it forks), so each socket it ta
 worker's control channel, a control client, a client let in before any worker is ready) is a
 ``Peer``: bytes in through ``shmcache.protocol.FrameDecoder``, frames out through a buffer that
 drains when the socket is writable.
+
+A Peer never closes its socket on its own: its owner registered the fd with a selector, and a
+socket closed under the selector's feet frees the fd number while the selector still holds it,
+so the next accepted socket's ``register`` raised and took the supervisor down (a client that
+hung up before reading its answer did it). A send that fails or a peer that reads nothing
+``abandon()``s instead: no more sends, and a shutdown that the owner's next read sees as the end,
+after which the owner unregisters and ``close()``s it.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ MAX_BACKLOG = 16 * 2**20  # a peer that reads nothing cannot make the supervisor
 
 class Peer:
     def __init__(self, sock: socket.socket, max_frame: int = 16 * 2**20,
-                 requests: bool = False) -> None:
+                 requests: bool = False, too_large: errors.RemoteError | None = None) -> None:
         """``requests``: the peer is a client (control or early door), whose frames are held
-        to the protocol's request limits; a worker's channel is not."""
+        to the protocol's request limits; a worker's channel is not. ``too_large``: the error
+        a frame over ``max_frame`` is answered with, instead of FrameTooLarge (the early door
+        reads little, and a client should retry, not shrink its request)."""
         sock.setblocking(False)
         self.sock = sock
+        self.too_large = too_large
         self.decoder = protocol.FrameDecoder(max_frame, requests)
         self.out = bytearray()
         self.closed = False
@@ -43,6 +53,9 @@ class Peer:
             return None
         try:
             return self.decoder.feed(data)
+        except errors.FrameTooLarge as exc:
+            self.send(protocol.error_reply(None, self.too_large or exc))
+            return None
         except errors.RemoteError as exc:
             self.send(protocol.error_reply(None, exc))
             return None
@@ -51,7 +64,7 @@ class Peer:
         if self.closed:
             return
         if len(self.out) > MAX_BACKLOG:
-            self.close()
+            self.abandon()
             return
         self.out += protocol.encode_frame(msg)
         self.flush()
@@ -62,8 +75,8 @@ class Peer:
                 sent = self.sock.send(self.out)
             except BlockingIOError:
                 return
-            except OSError:
-                self.close()
+            except OSError:  # EPIPE: the peer is gone
+                self.abandon()
                 return
             del self.out[:sent]
 
@@ -71,7 +84,17 @@ class Peer:
     def wants_write(self) -> bool:
         return bool(self.out) and not self.closed
 
-    def close(self) -> None:
+    def abandon(self) -> None:
+        """Send nothing more; the owner's next read returns None (see the module docstring)."""
         if not self.closed:
             self.closed = True
-            self.sock.close()
+            self.out.clear()
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """The owner's: unregister from the selector first."""
+        self.closed = True
+        self.sock.close()  # idempotent

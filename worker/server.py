@@ -952,9 +952,12 @@ def run_worker(config: WorkerConfig, listener: socket.socket, control: socket.so
 
     if config.supervisor_pid:
         die_with_parent(config.supervisor_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
-                signal.SIGCHLD, signal.SIGUSR1):
+    # The supervisor's commands are not ours: sent to the whole group (Ctrl-C, a terminal's
+    # hangup, `systemctl kill -s HUP`, which signals every process of the unit), a HUP killed
+    # every worker and TTIN/TTOU stopped them. The supervisor tells its workers what to do.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     loop = uvloop.new_event_loop()

@@ -96,6 +96,14 @@ def test_environment_values_are_parsed_by_type() -> None:
     ('optimization = "max"', "optimization", "must be one of"),
     ('log_level = "verbose"', "log_level", "must be debug"),
     ("keep = -1", "keep", "must be >= 0"),
+    # out of range, NaN or infinite timeouts made loops (0: workers killed and respawned
+    # forever; nan: a hung worker never detected; inf: a stop that never escalates)
+    ("heartbeat_timeout = 0", "heartbeat_timeout", "must be 3 .. 3600 s"),
+    ("heartbeat_timeout = nan", "heartbeat_timeout", "must be 3 .. 3600 s"),
+    ("boot_timeout = -5", "boot_timeout", "must be 1 .. 86400 s"),
+    ("graceful_timeout = inf", "graceful_timeout", "must be 0.1 .. 3600 s"),
+    ("spin = nan", "spin", "must be 0 .. 0.1"),
+    ("max_boot_failures = 0", "max_boot_failures", "must be >= 1"),
     ('metrics_address = "9464"', "metrics_address", "HOST:PORT"),
     ('models = ["a.onnx"]', "models", "expected a table"),
     ('[models]\na = 3', "models.a", "expected a path"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
+import socket
 import stat
 import threading
 import time
@@ -12,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import onnxruntime as ort
 import psutil
@@ -19,8 +22,10 @@ import pytest
 from onnx import helper
 
 import shmcache
-from shmcache import errors, registry
+from shmcache import errors, protocol, registry
 from shmcache.cli import format_status
+from shmcache.paths import control_socket_path
+from supervisor.arbiter import EXIT_STARTUP, MAX_EARLY_PEERS
 from tests import models
 from tests.supervisor.daemon import Daemon, serving, wait_until
 from worker.runtime import SessionSettings
@@ -198,15 +203,24 @@ def test_term_under_load_answers_every_request_already_read(
 def test_hup_replaces_every_worker_without_a_failed_call(
     daemon: Daemon, model_paths: dict[str, Path]
 ) -> None:
+    """Every worker replaced under load, each new one ready before an old one stops: the
+    ready count never dips below the target."""
     old = set(daemon.worker_pids())
+    ready_counts: list[int] = []
+
+    def replaced() -> bool:
+        ready = daemon.worker_pids()
+        ready_counts.append(len(ready))
+        return len(set(ready) - old) == 2 and len(daemon.worker_pids(None)) == 2
+
     with Load(daemon, model_paths["mlp"]) as load:
         daemon.signal(signal.SIGHUP)
-        wait_until(lambda: len(set(daemon.worker_pids()) - old) == 2 and
-                   len(daemon.worker_pids(None)) == 2, 120, "all workers replaced")
+        wait_until(replaced, 120, "all workers replaced", interval=0.02)
         load.progress(50)
     assert load.failures == []
     assert "reload complete" in daemon.log_text()
     assert not any(running(pid) for pid in old)
+    assert min(ready_counts) == 2, ready_counts
 
 
 def test_ttin_ttou_change_the_worker_count(daemon: Daemon) -> None:
@@ -221,6 +235,26 @@ def test_ttin_ttou_change_the_worker_count(daemon: Daemon) -> None:
     time.sleep(0.5)  # give a wrong reaction the chance to show
     assert len(daemon.worker_pids(None)) == 1
     assert daemon.status()["target_workers"] == 1
+
+
+def test_workers_ignore_the_supervisors_signals(daemon: Daemon) -> None:
+    """HUP, TTIN, TTOU and INT are the supervisor's; sent to the whole group (a terminal's
+    hangup, `systemctl kill -s HUP`) a HUP killed every worker and TTIN/TTOU stopped them."""
+    workers = sorted(daemon.worker_pids())
+    for pid in workers:
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGINT):
+            os.kill(pid, sig)
+    time.sleep(0.5)
+    assert all(psutil.Process(pid).status() != psutil.STATUS_STOPPED for pid in workers)
+    assert sorted(daemon.worker_pids()) == workers and daemon.status()["restarts"] == 0
+    answered = set()
+    clients = [shmcache.Client(str(daemon.socket)) for _ in range(4)]
+    try:
+        answered = {c.ping()["pid"] for c in clients}
+    finally:
+        for c in clients:
+            c.close()
+    assert answered == set(workers)
 
 
 def test_sigkilled_supervisor_takes_workers_along_and_next_start_sweeps(
@@ -273,6 +307,11 @@ def test_socket_modes(daemon: Daemon) -> None:
     assert stat.S_IMODE(Path(f"{daemon.socket}.ctl").stat().st_mode) == 0o600
     for seg in daemon.segments():
         assert stat.S_IMODE((Path("/dev/shm") / seg).stat().st_mode) == 0o600
+    # the state directory's copies and caches too (they were 0644 outside the unit's UMask)
+    written = [p for p in (daemon.tmp / "state").rglob("*")]
+    assert any(p.is_file() for p in written)
+    for p in written:
+        assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, (p, oct(p.stat().st_mode))
 
 
 def test_status_reports_workers_models_and_memory(daemon: Daemon) -> None:
@@ -298,9 +337,38 @@ def test_status_reports_workers_models_and_memory(daemon: Daemon) -> None:
 def test_refuses_to_steal_a_live_daemons_socket(daemon: Daemon, tmp_path: Path,
                                                 model_paths: dict[str, Path]) -> None:
     second = Daemon(tmp_path, model_paths)
-    assert second.wait_exit(60) == 1
+    assert second.wait_exit(60) == EXIT_STARTUP
     assert "another shmcache daemon is already serving" in second.log_text()
     assert daemon.health() is not None and daemon.health()["ready"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("case", ["regular file", "directory", "too long", "no directory"])
+def test_a_socket_path_that_cannot_be_ours_is_a_clear_startup_error(
+        case: str, tmp_path: Path, model_paths: dict[str, Path]) -> None:
+    """Exit 1 with the reason, and nothing at the path touched: a regular file given as
+    --socket by mistake was unlinked as a "stale socket"; the others were tracebacks."""
+    path = tmp_path / "given"
+    message = {"regular file": "exists and is not a socket",
+               "directory": "exists and is not a socket",
+               "too long": "a Unix socket's path can be at most 107",
+               "no directory": "cannot create socket directory"}[case]
+    if case == "regular file":
+        path.write_text("important")
+    elif case == "directory":
+        path.mkdir()
+    elif case == "too long":  # the client socket would fit; its control socket would not
+        path = tmp_path / ("s" * (105 - len(os.fsencode(tmp_path)) - 1))
+        assert len(os.fsencode(path)) == 105
+    else:  # under a dangling symlink: no directory can be made there
+        os.symlink(tmp_path / "nowhere" / "x", tmp_path / "link")
+        path = tmp_path / "link" / "s.sock"
+    d = Daemon(tmp_path, {"mlp": model_paths["mlp"]}, workers=1, extra=["--socket", str(path)])
+    assert d.wait_exit(60) == EXIT_STARTUP
+    text = d.log_text()
+    assert message in text and "Traceback" not in text, text[-2000:]
+    if case == "regular file":
+        assert path.read_text() == "important"
+    assert d.segments() == []
 
 
 @pytest.mark.parametrize("content, message", [
@@ -314,7 +382,7 @@ def test_bad_model_file_is_a_clear_startup_error(
     if content is not None:
         path.write_bytes(content)
     d = Daemon(tmp_path, {"bad": path})
-    assert d.wait_exit(60) == 1
+    assert d.wait_exit(60) == EXIT_STARTUP
     assert message in d.log_text()
     assert d.segments() == [] and not d.socket.exists()
 
@@ -323,7 +391,7 @@ def test_socket_directory_not_creatable(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     d = Daemon(tmp_path, extra=["--socket", str(blocker / "sub" / "s.sock")])
-    assert d.wait_exit(60) == 1
+    assert d.wait_exit(60) == EXIT_STARTUP
     assert "cannot create socket directory" in d.log_text()
 
 
@@ -339,7 +407,7 @@ def test_a_hung_worker_is_killed_replaced_and_counted(tmp_path: Path) -> None:
     """A worker that stops answering (SIGSTOP: no heartbeat) is killed and replaced, and the
     restart is counted like a crash's (its exit used to read as a stop the daemon asked for)."""
     d = Daemon(tmp_path, {"m": models.save(models.mlp(), tmp_path / "m.onnx")}, workers=1,
-               extra=["--heartbeat-timeout", "2", "--standby", "0"]).wait_ready()
+               extra=["--heartbeat-timeout", "3", "--standby", "0"]).wait_ready()
     try:
         (hung,) = d.worker_pids()
         os.kill(hung, signal.SIGSTOP)
@@ -347,6 +415,31 @@ def test_a_hung_worker_is_killed_replaced_and_counted(tmp_path: Path) -> None:
                    "hung worker replaced")
         assert d.status()["restarts"] == 1
         assert f"worker {hung} silent for" in d.log_text()
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_a_stopped_supervisor_does_not_blame_its_workers(tmp_path: Path) -> None:
+    """SIGSTOP of the supervisor past heartbeat_timeout (a frozen cgroup, a paused VM): the
+    workers served all along, and their heartbeats wait unread; none is killed as silent."""
+    d = Daemon(tmp_path, {"m": models.save(models.mlp(), tmp_path / "m.onnx")}, workers=2,
+               extra=["--heartbeat-timeout", "3", "--standby", "0"]).wait_ready()
+    try:
+        workers = sorted(d.worker_pids())
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            with shmcache.Client(str(d.socket)) as c:
+                deadline = time.monotonic() + 5.0
+                while time.monotonic() < deadline:  # the workers serve meanwhile
+                    c.run("m", None, {"x": np.zeros((1, 16), np.float32)})
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        time.sleep(1.0)
+        assert sorted(d.worker_pids()) == workers
+        assert d.status()["restarts"] == 0
+        assert "silent for" not in d.log_text()
+        assert "did not run for" in d.log_text()
     finally:
         assert d.stop() == 0
     assert d.segments() == []
@@ -376,6 +469,90 @@ def test_ping_answers_before_ready_and_infer_gets_not_ready(tmp_path: Path) -> N
     finally:
         assert d.stop() == 0
     assert d.segments() == []
+
+
+def hang_up_before_the_answer(path: Path, op: str, times: int = 20) -> None:
+    for _ in range(times):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            s.sendall(protocol.encode_frame({"v": 1, "id": 1, "op": op}))
+
+
+def test_supervisor_survives_clients_that_hang_up_or_flood_the_early_door(
+        tmp_path: Path) -> None:
+    """Before any worker is ready the supervisor answers the client socket itself (0660: any
+    group member). A client hanging up before its answer once crashed it (the failed send
+    closed a socket its selector still held); a flood of connections could exhaust its fds."""
+    path = models.save(unloadable_model(), tmp_path / "unloadable.onnx")  # type: ignore[arg-type]
+    d = Daemon(tmp_path, {"bad": path}, workers=1, extra=["--max-boot-failures", "1000"])
+    try:
+        wait_until(lambda: d.health() is not None, 30, "control socket answering")
+        hang_up_before_the_answer(d.socket, "ping")
+        hang_up_before_the_answer(control_socket_path(d.socket), "health")
+        assert d.health() is not None
+
+        # A frame the early door will not read is answered not_ready (retried), not too large.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(d.socket))
+            try:
+                s.sendall(protocol.encode_frame({"v": 1, "id": 7, "op": "infer", "model": "bad",
+                                                 "inputs": {"x": b"\0" * (2 * 2**20)}}))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it answered after the header and hung up; the answer is still there
+            reply = msgpack.unpackb(s.recv(4096)[4:])
+            assert reply["ok"] is False and reply["error"]["code"] == "not_ready", reply
+
+        # A flood: the supervisor holds at most MAX_EARLY_PEERS and closes the rest.
+        before = psutil.Process(d.proc.pid).num_fds()
+        flood = []
+        for _ in range(MAX_EARLY_PEERS + 100):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket))
+            flood.append(s)
+        wait_until(lambda: psutil.Process(d.proc.pid).num_fds() >= before + MAX_EARLY_PEERS - 5,
+                   10, "the early door holding its fill")
+        time.sleep(0.3)
+        assert psutil.Process(d.proc.pid).num_fds() <= before + MAX_EARLY_PEERS + 5
+        closed = 0
+        for s in flood:
+            s.settimeout(0.01)
+            try:
+                closed += s.recv(1) == b""
+            except TimeoutError:
+                pass
+        assert closed >= 90, closed
+        for s in flood:
+            s.close()
+        with shmcache.Client(str(d.socket), timeout=5.0) as c:
+            assert c.ping()["ready"] is False
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
+def test_control_socket_rests_while_the_supervisor_is_out_of_fds(daemon: Daemon) -> None:
+    """accept() failing with EMFILE crashed the supervisor; now the listener rests a moment
+    and is retried, and the control socket answers again once fds are free."""
+    pid = daemon.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    assert soft == hard  # raised at start: a flood of clients is capped long before it
+    held = []
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (psutil.Process(pid).num_fds() + 3, hard))
+        for _ in range(10):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(control_socket_path(daemon.socket)))
+            held.append(s)
+        wait_until(lambda: "cannot accept on" in daemon.log_text(), 10, "accept failing")
+        time.sleep(0.5)  # rests and retries
+        assert daemon.proc.poll() is None
+    finally:
+        for s in held:
+            s.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert daemon.health() is not None
+    with shmcache.Client(str(daemon.socket)) as c:
+        assert c.ping()["ready"] is True
 
 
 def test_no_default_standby_when_no_segment_holds_blobs(tmp_path: Path) -> None:

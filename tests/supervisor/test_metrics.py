@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisor.metrics import (
     BUCKETS,
     CONNECTION_TIMEOUT,
+    MAX_CONNECTIONS,
     MAX_REQUEST,
     HttpEndpoint,
     MetricsRegistry,
@@ -283,6 +284,24 @@ def test_stalled_connection_is_expired(harness: Harness) -> None:
         harness.endpoint.expire(time.monotonic() + CONNECTION_TIMEOUT + 1)
         assert not harness.endpoint.conns
         assert sock.recv(10) == b""  # closed without an answer
+
+
+def test_idle_connections_cannot_turn_a_probe_away(harness: Harness) -> None:
+    """At MAX_CONNECTIONS the oldest connection goes, not the newcomer: 64 idle connections
+    once turned away every scrape and probe for as long as they were held."""
+    hogs = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 10):
+            hogs.append(socket.create_connection(harness.endpoint.address, timeout=10))
+            for k, _ in harness.sel.select(0.01):
+                k.data(k.fileobj)
+        assert len(harness.endpoint.conns) == MAX_CONNECTIONS
+        status, _, body = parse_response(harness.exchange(b"GET /healthz HTTP/1.0\r\n\r\n"))
+        assert status == 200 and body
+        assert hogs[0].recv(10) == b""  # the oldest hog was closed
+    finally:
+        for s in hogs:
+            s.close()
 
 
 def test_close_releases_the_port(metrics: MetricsRegistry, state: dict[str, bool]) -> None:

@@ -21,6 +21,7 @@ import shmcache
 from shmcache import errors, hugepages
 from tests import models
 from shmcache.paths import control_socket_path
+from supervisor.arbiter import EXIT_STARTUP
 from tests.supervisor.daemon import ROOT, Daemon, serving, wait_until
 from worker.runtime import SessionSettings
 
@@ -418,7 +419,7 @@ def test_a_missing_committed_copy_stops_the_start_and_the_fix_keeps_numbers_uniq
     published_and_stopped(tmp_path, weights)
     (tmp_path / "state" / "models" / "m" / "v2.onnx").unlink()
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"])
-    assert d.wait_exit(60) == 1 and "the copy of committed v2, is missing" in d.log_text()
+    assert d.wait_exit(60) == EXIT_STARTUP and "the copy of committed v2, is missing" in d.log_text()
     manifest = tmp_path / "state" / "manifest.json"  # the fix the message gives
     data = json.loads(manifest.read_text())
     del data["models"]["m"]["version"], data["models"]["m"]["file"]
@@ -630,7 +631,7 @@ def test_a_damaged_committed_copy_stops_the_start_with_the_fix(
     damaged[-100] ^= 0x01
     copy.write_bytes(bytes(damaged))
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"])
-    assert d.wait_exit(60) == 1
+    assert d.wait_exit(60) == EXIT_STARTUP
     assert "the committed copy" in d.log_text() and "is damaged" in d.log_text()
     assert 'delete "version" and "file" (not "issued")' in d.log_text()
     assert d.segments() == []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.arbiter import FAST_STOP_SECONDS
+from supervisor.arbiter import EXIT_BOOT_LOOP, EXIT_STARTUP, FAST_STOP_SECONDS
 from supervisor.config import ServeConfig
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
@@ -48,6 +48,10 @@ def test_unit_has_the_settings_the_daemon_relies_on() -> None:
     # The arbiter SIGKILLs stragglers at graceful_timeout + 1 s and waits up to 5 s more.
     assert int(s["TimeoutStopSec"]) > ServeConfig().graceful_timeout + 1 + FAST_STOP_SECONDS
     assert "#LimitMEMLOCK=" in UNIT.read_text()
+    # Exits that another start would not mend are not restarted; a crash (1) is.
+    assert s["Restart"] == "on-failure"
+    kept_down = {int(code) for code in s["RestartPreventExitStatus"].split()}
+    assert {EXIT_STARTUP, EXIT_BOOT_LOOP, 2} <= kept_down and 1 not in kept_down
 
 
 @pytest.mark.parametrize("setting", ["PrivateDevices", "PrivateIPC", "DynamicUser", "RemoveIPC",

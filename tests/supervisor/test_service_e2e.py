@@ -79,7 +79,8 @@ def test_ready_only_after_warm_up_and_watchdog_fed(
     tmp_path: Path, notify: NotifySocket, model: Path
 ) -> None:
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}
-    d = Daemon(tmp_path, {"m": model}, workers=2, env=env)
+    # heartbeat_timeout past the workers' stops below: hung, not yet replaced
+    d = Daemon(tmp_path, {"m": model}, workers=2, env=env, extra=["--heartbeat-timeout", "60"])
     try:
         notify.wait_for("READY=1")
         # READY=1 promises every model warm on every worker: the daemon must say so too.
@@ -94,17 +95,25 @@ def test_ready_only_after_warm_up_and_watchdog_fed(
         start = time.monotonic()
         wait_until(lambda: notify.count_since("WATCHDOG=1", start) >= 4, 10, "watchdog pings")
 
-        # A hung worker (stopped, so it sends no heartbeat) stops the watchdog being fed.
-        (pid,) = d.worker_pids()[:1]
-        os.kill(pid, signal.SIGSTOP)
+        # One hung worker (stopped, so it sends no heartbeat) is the supervisor's to replace:
+        # the watchdog stays fed by the other. Every worker hung stops it.
+        pids = d.worker_pids()
+        os.kill(pids[0], signal.SIGSTOP)
         try:
-            time.sleep(4.5)  # ANSWERING_WITHIN (3.5 s) + a few watchdog intervals
+            time.sleep(4.0)  # past ANSWERING_WITHIN (3.5 s)
+            notify.drain()
+            one_hung = time.monotonic()
+            time.sleep(1.0)
+            assert notify.count_since("WATCHDOG=1", one_hung) >= 1
+            os.kill(pids[1], signal.SIGSTOP)
+            time.sleep(4.5)  # ANSWERING_WITHIN + a few watchdog intervals
             notify.drain()  # stamp what arrived meanwhile before the quiet window starts
             quiet_since = time.monotonic()
             time.sleep(1.0)
             assert notify.count_since("WATCHDOG=1", quiet_since) == 0
         finally:
-            os.kill(pid, signal.SIGCONT)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
         resumed = time.monotonic()
         wait_until(lambda: notify.count_since("WATCHDOG=1", resumed) >= 2, 10, "watchdog resumes")
 
@@ -195,7 +204,7 @@ def test_bad_config_file_is_refused_naming_the_key(tmp_path: Path, text: str, ke
         [sys.executable, "-m", "shmcache.cli", "serve", "--config", str(config),
          "--socket", str(tmp_path / "s.sock")], capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 1
+    assert done.returncode == 78  # EX_CONFIG: the unit does not restart on it
     assert key in done.stderr and "ConfigError" in done.stderr
     assert not (tmp_path / "s.sock").exists()
 
