@@ -274,8 +274,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise failure[0]
     timings = result.get("timings", {})
     if sys.stdout.isatty():
-        print(f"\r{args.model}: v{result['previous']} -> v{result['version']} "
-              f"(write {timings.get('write', 0):.2f}s, prepare {timings.get('prepare', 0):.2f}s)")
+        summary = (f"{args.model}: v{result['previous']} -> v{result['version']} "
+                   f"(write {timings.get('write', 0):.2f}s, prepare {timings.get('prepare', 0):.2f}s)")
+        print(f"\r{summary:<72}")  # over the whole progress line, not just its start
     else:
         print(result["version"])
     return EXIT_OK

@@ -127,6 +127,11 @@ def _all_typed(input_feed: Mapping[str, Any]) -> bool:
     return all(_is_typed(v) for v in input_feed.values())
 
 
+def _same_dtypes(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return {k: getattr(v, "dtype", None) for k, v in a.items()} == {
+        k: getattr(v, "dtype", None) for k, v in b.items()}
+
+
 def _declared_input_dtypes(models: list[ModelInfo]) -> dict[str, dict[str, np.dtype[Any]]]:
     """model -> input -> declared dtype, for the inputs whose type the wire can carry."""
     return {m.name: {t.name: np.dtype(t.dtype) for t in m.inputs if t.dtype in protocol.ALLOWED_DTYPES}
@@ -545,9 +550,15 @@ class Client:
         try:
             reply = self.request("infer", **_infer_fields(model, output_names, feed, version))
         except errors.BadDtype:
-            if feed is not input_feed:  # a publish may have changed the signature we cached
-                self._input_dtypes.pop(model, None)
-            raise
+            if feed is input_feed:
+                raise
+            # The types we converted to were cached before a publish changed them: convert
+            # again to what the daemon declares now, once.
+            self._input_dtypes.pop(model, None)
+            refreshed = self._typed_feed(model, input_feed)
+            if _same_dtypes(refreshed, feed):
+                raise
+            reply = self.request("infer", **_infer_fields(model, output_names, refreshed, version))
         result = _writable(protocol.outputs_from_reply(reply)), _version_of(reply)
         self._local.last_version = result[1]
         self._local.last_compute = protocol.compute_of(reply)
@@ -829,9 +840,14 @@ class AsyncClient:
         try:
             reply = await self.request("infer", **_infer_fields(model, output_names, feed, version))
         except errors.BadDtype:
-            if feed is not input_feed:  # a publish may have changed the signature we cached
-                self._input_dtypes.pop(model, None)
-            raise
+            if feed is input_feed:
+                raise
+            self._input_dtypes.pop(model, None)  # as Client.run_with_version: convert again once
+            refreshed = await self._typed_feed(model, input_feed)
+            if _same_dtypes(refreshed, feed):
+                raise
+            reply = await self.request("infer",
+                                       **_infer_fields(model, output_names, refreshed, version))
         result = _writable(protocol.outputs_from_reply(reply)), _version_of(reply)
         self.last_version = result[1]
         self.last_compute_seconds = protocol.compute_of(reply)

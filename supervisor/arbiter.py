@@ -457,6 +457,8 @@ class Arbiter:
         for item in registry.sweep_orphans(self.instance):
             log.info("swept orphaned segment %s (%d bytes, creator pid %s dead)",
                      item.name, item.size, item.pid)
+        for file in self.manifest.sweep_partial_copies():
+            log.info("swept %s, a weight copy a killed publish left half-written", file)
 
     def bind(self, path: Path, mode: int, backlog: int) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1235,8 +1237,12 @@ class Arbiter:
                          self.manifest.version_file(model, version), peer, request.id,
                          deadline=time.monotonic() + self.cfg.boot_timeout)
         self.publishes[model] = job
+        served = state.versions[state.current]
         extra = ["--served-segment", state.segment.name, "--persist-to", str(job.file),
-                 "--served-file", str(state.versions[state.current].file)]
+                 "--served-file", str(served.file)]
+        if served.digest is not None and not served.file.is_relative_to(self.manifest.dir):
+            # a configured file, which may be replaced on disk; our own copies are not
+            extra += ["--served-digest", served.digest.hex()]
         if raw.get("allow_signature_change"):
             extra.append("--allow-signature-change")
         self.start_build(model, path, version, extra, job)
@@ -1346,8 +1352,11 @@ class Arbiter:
             self.finish_restore(job, state)
             return
         previous = state.current
-        state.make_current(job.version)
-        self.manifest.commit(state)  # durable first: a crash after the flip must not lose it
+        try:
+            self.commit_durably(state, job.version)
+        except errors.PublishFailed as exc:
+            self.fail_publish(job, str(exc))
+            return
         self.flip(state, job.version)
         self.announce_live(job)
         flipped = time.monotonic()
@@ -1364,6 +1373,20 @@ class Arbiter:
         self.prune_cache()
         self.catch_up_standbys(job)
         self.resume_restores(state)
+
+    def commit_durably(self, state: ModelState, version: int) -> None:
+        """Record ``version`` as current in the manifest, before the flip is visible: a crash
+        after the flip must not lose it. A manifest that cannot be written (a full disk)
+        leaves everything as it was, the old version serving; it took the daemon down."""
+        current, served = state.current, dict(state.served)
+        state.make_current(version)
+        try:
+            self.manifest.commit(state)
+        except OSError as exc:
+            state.current, state.served = current, served
+            raise errors.PublishFailed(
+                f"cannot record {state.name} v{version} in {self.manifest.path}: {exc}; "
+                f"v{current} keeps serving") from exc
 
     def announce_live(self, job: PublishJob) -> None:
         """Requests pinned to the version are served from now on (worker.server)."""
@@ -1499,8 +1522,7 @@ class Arbiter:
                 f"{model}: no kept version {'to roll back to' if to is None else to} "
                 f"(current v{state.current}, kept: {kept or 'none'})")
         previous = state.current
-        state.make_current(target)
-        self.manifest.commit(state)
+        self.commit_durably(state, target)
         self.flip(state, target)
         log.info("rolled %s back from v%d to v%d", model, previous, target)
         return protocol.ok_result(request.id, model=model, version=target, previous=previous)

@@ -43,6 +43,7 @@ from shmcache.segment import OwnedSegment, Segment  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+PARTIAL_SUFFIX = ".partial.onnx"  # keep in step with supervisor.versions.PARTIAL_GLOB
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="publish: write the complete new weights here (atomically)")
     p.add_argument("--served-file", type=Path, default=None,
                    help="publish: the served version's own weights (for a pre-packed segment)")
+    p.add_argument("--served-digest", default=None,
+                   help="publish: the SHA-256 (hex) --served-file had when it was loaded")
     p.add_argument("--prepack-cache", type=Path, default=None,
                    help="pre-pack with ONNX Runtime into the segment, caching here")
     p.add_argument("--opt-level", default="all", help="graph optimization level of the pre-pack")
@@ -80,6 +83,7 @@ def load(args: argparse.Namespace) -> onnx.ModelProto:
     served = Segment.attach(args.served_segment)
     try:
         if served.header.optimized and args.served_file is not None:
+            check_served_file(args.served_file, args.served_digest)
             # An optimized segment holds ORT's optimized graph, whose initializers are not the
             # exporter's: weights by name apply to the served version's own model. An ONNX
             # candidate only needs its inputs and outputs: read those without the weights.
@@ -95,36 +99,104 @@ def load(args: argparse.Namespace) -> onnx.ModelProto:
         served.close()
 
 
-def persist(model: onnx.ModelProto, source: Path, dest: Path) -> str:
-    """Keep the complete weights of a published version, so a restart can rebuild it.
+def check_served_file(path: Path, recorded: str | None) -> None:
+    """The served version's file must still hold what was loaded: a configured model file
+    replaced on disk (normal before a restart) once had a publish's weights by name filled in
+    from the new file, and its signature judged against the new file's."""
+    if recorded is not None and model_digest(path) != recorded:
+        raise FileChanged(
+            f"{path}, which the served version was loaded from, has changed on disk since; "
+            "a publish is checked against the served version, so restart the daemon to serve "
+            "the new file first (or publish it)")
 
-    Returns the SHA-256 of the copy (the pre-pack cache key), read once with the check that
-    decides whether the source file can simply be copied."""
+
+def partial_copy(dest: Path) -> Path:
+    """Where a durable copy is written until it is complete; a killed builder's is swept by
+    supervisor.versions.Manifest.prune."""
+    return dest.with_name(dest.stem + PARTIAL_SUFFIX)
+
+
+def copy_whole_file(source: Path, dest: Path) -> tuple[Path, str] | None:
+    """A self-contained ONNX file copied (and hashed, one read) next to where it is kept;
+    None for one whose weights live in external data files (saved whole after loading)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
+    tmp = partial_copy(dest)
     try:
-        # Copied while scanned (one read); kept as is when it holds every weight itself.
-        scan = scan_model_file(source, copy_to=tmp) if source.suffix == ".onnx" else None
-        if scan is not None and scan.self_contained:
-            digest = scan.digest
-        else:  # weights by name, or weights in external data files: one file with everything
-            onnx.save(model, str(tmp))
-            digest = model_digest(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        scan = scan_model_file(source, copy_to=tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not scan.self_contained:
+        tmp.unlink()
+        return None
+    return tmp, scan.digest
+
+
+def naming(exc: ShmcacheError, copy: Path, given: Path) -> ShmcacheError:
+    try:
+        return type(exc)(str(exc).replace(str(copy), str(given)))
+    except Exception:  # an error type built otherwise: say it as it is
+        return exc
+
+
+def keep(tmp: Path, dest: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+
+
+def persist(model: onnx.ModelProto, dest: Path) -> str:
+    """The complete weights of a published version, saved from what was checked; returns the
+    copy's SHA-256 (the pre-pack cache key)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_copy(dest)
+    try:
+        onnx.save(model, str(tmp))
+        digest = model_digest(tmp)
+        keep(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not leave half a copy behind
         raise
     return digest
 
 
+def load_what_is_kept(args: argparse.Namespace) -> tuple[onnx.ModelProto, Path, str | None]:
+    """The model checked, the file a segment is built from, and its digest (None: not yet).
+
+    A publish keeps a durable copy, and everything is checked and built from that copy, never
+    the given path again: a file replaced while it was published once went live unchecked
+    (its renamed output served without --allow-signature-change), or left a truncated copy
+    that made the next start refuse the committed version."""
+    if args.persist_to is None:
+        return load(args), args.model_path, None
+    from shmcache.candidate import is_weights_file
+
+    given: Path = args.model_path
+    copied = None if is_weights_file(given) else copy_whole_file(given, args.persist_to)
+    if copied is None:  # weights by name or external data: loaded once, saved from memory
+        model = load(args)
+        return model, args.persist_to, persist(model, args.persist_to)
+    tmp, digest = copied
+    replacement = os.environ.get("SHMCACHE_FAULT_REPLACE_AFTER_COPY")
+    if replacement:  # fault injection for tests: the given file replaced once it was read
+        os.replace(replacement, given)
+    try:
+        args.model_path = tmp
+        try:
+            model = load(args)
+        except ShmcacheError as exc:  # name what the user gave, not our copy of it
+            raise naming(exc, tmp, given) from None
+        finally:
+            args.model_path = given
+        keep(tmp, args.persist_to)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return model, args.persist_to, digest
+
+
 def build(args: argparse.Namespace) -> dict[str, object]:
-    model = load(args)
-    source, digest = args.model_path, None
-    if args.persist_to is not None:
-        digest = persist(model, args.model_path, args.persist_to)
-        source = args.persist_to
+    model, source, digest = load_what_is_kept(args)
     digest = digest or model_digest(source)  # recorded: a restart adopts only a match
     if args.expect_digest is not None and digest != args.expect_digest:
         raise FileChanged(

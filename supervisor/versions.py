@@ -228,7 +228,9 @@ class Manifest:
         return self.dir / "models" / model / f"v{version}.onnx"
 
     def commit(self, state: ModelState) -> None:
-        """Record ``state``'s current and kept versions, durably, before the flip is visible."""
+        """Record ``state``'s current and kept versions, durably, before the flip is visible.
+        On an OSError (a full disk) the manifest, on disk and here, is as it was."""
+        before = self.data["models"].get(state.name)
         self.data["models"][state.name] = {
             "version": state.current,
             "file": self.relative(state.versions[state.current].file),
@@ -239,26 +241,48 @@ class Manifest:
                         if version.digest is not None},
             "served": {str(v): state.served[v] for v in state.versions if v in state.served},
         }
-        self.write()
+        try:
+            self.write()
+        except OSError:
+            if before is None:
+                del self.data["models"][state.name]
+            else:
+                self.data["models"][state.name] = before
+            raise
         self.prune(state.name)
+
+    def sweep_partial_copies(self) -> list[Path]:
+        """At start, before any builder runs: what killed builders left half-written."""
+        swept = [*(self.dir / "models").glob("*/v*.partial.onnx"),
+                 *(self.dir / "models").glob("*/v*.tmp")]
+        for file in swept:
+            file.unlink(missing_ok=True)
+        return swept
 
     def prune(self, model: str) -> None:
         """Delete ``model``'s weight copies the manifest no longer names: kept versions of a
-        run before a restart, which no process loaded. Safe at a commit: publishes of one model
-        are serialised, so no copy of it is being written."""
+        run before a restart, which no process loaded, and the partial copies of builders that
+        were killed (``v5.partial.onnx``; ``v5.tmp`` before). Safe at a commit: publishes of
+        one model are serialised, so no copy of it is being written."""
         referenced = self.referenced_files()
-        for file in (self.dir / "models" / model).glob("v*.onnx"):
+        directory = self.dir / "models" / model
+        for file in [*directory.glob("v*.onnx"), *directory.glob("v*.tmp")]:
             if file not in referenced:
                 file.unlink(missing_ok=True)
 
     def write(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            if tmp.is_file():
+                tmp.unlink()
+            raise
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)

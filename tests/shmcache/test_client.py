@@ -145,6 +145,11 @@ def test_list_feeds_take_the_declared_dtype_and_arrays_are_not_cast(real_worker:
             assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
         with pytest.raises(errors.BadDtype):
             c.run("int_and_half", None, {**typed, "ints": np.array(ints, np.int64)})
+        # Types cached before a publish changed them: converted again once, not an error.
+        c._input_dtypes["int_and_half"]["ints"] = np.dtype(np.int64)
+        again = c.run("int_and_half", None, {"ints": ints, "halves": halves})
+        assert again[0].tobytes() == want[0].tobytes()
+        assert c._input_dtypes["int_and_half"]["ints"] == np.int32
 
     async def main() -> list[np.ndarray]:
         async with AsyncClient(str(real_worker.socket_path), timeout=10.0) as ac:

@@ -115,9 +115,9 @@ class Daemon:
 
 @contextmanager
 def serving(tmp: Path, models: dict[str, Path], workers: int = 2,
-            extra: list[str] | None = None) -> Iterator[Daemon]:
+            extra: list[str] | None = None, env: dict[str, str] | None = None) -> Iterator[Daemon]:
     """A ready daemon for one test; at the end it must stop cleanly and leave no segment."""
-    d = Daemon(tmp, models, workers=workers, extra=extra)
+    d = Daemon(tmp, models, workers=workers, extra=extra, env=env)
     try:
         yield d.wait_ready()
     finally:

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from shmcache import model as model_module
 from shmcache.model import load_model, scan_model_file
-from supervisor.build import persist
+from supervisor.build import copy_whole_file, keep, partial_copy, persist
 from tests import models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,16 +64,22 @@ def test_scan_finds_a_reference_across_chunk_boundaries(
 
 def test_self_contained_file_is_copied_byte_for_byte(embedded: Path, tmp_path: Path) -> None:
     dest = tmp_path / "state" / "v2.onnx"
-    digest = persist(load_model(embedded), embedded, dest)
+    copied = copy_whole_file(embedded, dest)
+    assert copied is not None
+    tmp, digest = copied
+    assert tmp == partial_copy(dest) and not dest.exists()  # complete only once kept
+    keep(tmp, dest)
     assert dest.read_bytes() == embedded.read_bytes()
     assert digest == sha256(dest)
-    assert not dest.with_suffix(".tmp").exists()
+    assert not tmp.exists()
 
 
 def test_file_with_external_data_is_saved_whole(external: Path, tmp_path: Path) -> None:
     expected = weights(load_model(external))
     dest = tmp_path / "state" / "v2.onnx"
-    digest = persist(load_model(external), external, dest)
+    assert copy_whole_file(external, dest) is None  # not whole: saved from the loaded model
+    assert not partial_copy(dest).exists()
+    digest = persist(load_model(external), dest)
     # Complete on its own: the source folder (and its .data file) is gone.
     (external.parent / "external.data").unlink()
     assert scan_model_file(dest).self_contained

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,6 +282,76 @@ def test_weights_by_name_over_the_served_graph(daemon: Daemon, tmp_path: Path,
     x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
     y, version = call(daemon, x)
     assert version == 2 and y.tobytes() == ref.run(None, {"x": x})[0].tobytes()
+
+
+def test_a_file_replaced_while_it_is_published_is_not_what_goes_live(
+        tmp_path: Path, weights: dict[str, Path]) -> None:
+    """The file is read once: checked, kept and served from that one read. Replaced after it
+    was read (here: by a fault hook, at the worst moment), it once went live unchecked, a
+    renamed output and all, without --allow-signature-change."""
+    given = tmp_path / "given.onnx"
+    shutil.copy(weights["B"], given)
+    shutil.copy(weights["bad_sig"], tmp_path / "evil.onnx")
+    env = {"SHMCACHE_FAULT_REPLACE_AFTER_COPY": str(tmp_path / "evil.onnx")}
+    with serving(tmp_path, {"m": weights["A"]}, env=env) as d:
+        done = publish(d, given)
+        assert done.returncode == 0, done.stderr
+        assert_serves(d, 2, weights["B"])
+        kept = d.tmp / "state" / "models" / "m" / "v2.onnx"
+        assert kept.read_bytes() == weights["B"].read_bytes()
+    assert given.read_bytes() == weights["bad_sig"].read_bytes()  # it was replaced
+
+
+def test_a_served_file_changed_on_disk_is_not_what_a_publish_is_checked_against(
+        daemon: Daemon, tmp_path: Path, weights: dict[str, Path]) -> None:
+    """Weights by name fill in the rest from the served version. With the configured file
+    replaced on disk (normal before a restart), they were filled in from the new file."""
+    shutil.copy(weights["B"], weights["A"])
+    path = tmp_path / "w0.npz"
+    np.savez(path, w0=numpy_helper.to_array(models.mlp(SIZES, seed=6).graph.initializer[0]))
+    done = publish(daemon, path)
+    assert done.returncode == 1 and "has changed on disk since" in done.stderr, done.stderr
+    assert current_version(daemon) == 1
+
+
+def test_a_manifest_that_cannot_be_written_fails_the_publish_not_the_daemon(
+        daemon: Daemon, weights: dict[str, Path]) -> None:
+    """A full or failing disk at the commit: the publish (or rollback) fails with the reason,
+    the old version keeps serving; the supervisor used to die of the OSError."""
+    blocker = daemon.tmp / "state" / "manifest.tmp"
+    blocker.mkdir()  # the manifest's temporary file cannot be created
+    done = publish(daemon, weights["B"])
+    assert done.returncode == 1 and "cannot record m v2" in done.stderr, done.stderr
+    assert daemon.proc.poll() is None
+    assert_serves(daemon, 1, weights["A"])
+    blocker.rmdir()
+    assert publish(daemon, weights["B"]).returncode == 0
+    blocker.mkdir()
+    with pytest.raises(errors.PublishFailed, match="cannot record m v1"):
+        daemon.control("rollback", model="m")
+    assert daemon.proc.poll() is None
+    version = current_version(daemon)
+    assert_serves(daemon, version, weights["B"])
+    blocker.rmdir()
+    daemon.control("rollback", model="m")
+    assert_serves(daemon, 1, weights["A"])
+
+
+def test_half_written_copies_of_killed_publishes_are_swept(
+        tmp_path: Path, weights: dict[str, Path]) -> None:
+    """A publish killed while its weights were copied left models/m/vN.tmp for good: neither
+    a later commit nor a restart removed it (96 MiB in the probe that found it)."""
+    copies = tmp_path / "state" / "models" / "m"
+    copies.mkdir(parents=True)
+    leftovers = [copies / "v7.tmp", copies / "v9.partial.onnx"]
+    for file in leftovers:
+        file.write_bytes(b"half")
+    with serving(tmp_path, {"m": weights["A"]}) as d:
+        assert not any(file.exists() for file in leftovers)
+        assert "a weight copy a killed publish left half-written" in d.log_text()
+        (copies / "v5.partial.onnx").write_bytes(b"half")  # as if killed since
+        assert publish(d, weights["B"]).returncode == 0  # its commit sweeps too
+        assert not (copies / "v5.partial.onnx").exists()
 
 
 def test_concurrent_publish_is_refused_clearly(daemon: Daemon, weights: dict[str, Path]) -> None:
