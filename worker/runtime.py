@@ -134,6 +134,7 @@ class ModelRuntime:
     served: int = 0
     warmed: bool = False
     typical_seconds: float = 1.0  # moving average of successful runs; decides inline runs
+    typical_input_bytes: float = 0.0  # moving average of their inputs' size, likewise
     _input_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _output_names: set[str] = field(default_factory=set, repr=False)
     _required: list[str] = field(default_factory=list, repr=False)
@@ -225,21 +226,31 @@ class ModelRuntime:
         self.served += 1
         return list(zip(names, results)), seconds
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, input_bytes: int) -> None:
         self.typical_seconds += (seconds - self.typical_seconds) * 0.1
+        self.typical_input_bytes += (input_bytes - self.typical_input_bytes) * 0.1
+
+    def expected_seconds(self, input_bytes: int) -> float:
+        """How long a run on ``input_bytes`` of inputs should take, judged by the typical run
+        and no less: a batch 100x the usual is taken to run 100x longer."""
+        scale = input_bytes / self.typical_input_bytes if self.typical_input_bytes else 1.0
+        return self.typical_seconds * max(1.0, scale)
 
     def warm_up(self) -> None:
         """One inference on inputs synthesised from the signature (dynamic dims set to 1, or
         to WARMUP_RETRY_DIM when 1 is too small for the model: silero-vad's reflect pad and
         PP-OCR's resize refuse 1)."""
+        feed = synthesize_inputs(self.inputs)
         started = time.perf_counter()
         try:
-            self.session.run(None, synthesize_inputs(self.inputs))
+            self.session.run(None, feed)
         except Exception:
+            feed = synthesize_inputs(self.inputs, WARMUP_RETRY_DIM)
             started = time.perf_counter()
-            self.session.run(None, synthesize_inputs(self.inputs, WARMUP_RETRY_DIM))
+            self.session.run(None, feed)
         # A first run overstates the typical time; observe() brings it down as requests come.
         self.typical_seconds = time.perf_counter() - started
+        self.typical_input_bytes = float(sum(a.nbytes for a in feed.values()))
         self.warmed = True
 
 

@@ -75,7 +75,7 @@ WORKER_OK = 0
 WORKER_BOOT_ERROR = 3
 WORKER_LOST_SUPERVISOR = 4
 HEARTBEAT = 1.0
-INLINE_BELOW = 0.0005  # seconds: models typically faster than this run on the loop thread
+INLINE_BELOW = 0.05  # seconds: a run expected to take less goes on the loop thread
 SPIN_AFTER_BELOW = 0.002  # seconds: the loop stays hot only after answering calls this quick
 PR_SET_PDEATHSIG = 1
 BACKGROUND_NICE = 10  # added to a background prepare thread's nice value
@@ -364,7 +364,7 @@ class Worker:
     def dispatch(self, job: Job) -> None:
         self.running += 1
         loop = asyncio.get_running_loop()
-        if self.run_inline(job.runtime):
+        if self.run_inline(job):
             future: asyncio.Future[Any] = loop.create_future()
             try:
                 future.set_result(job.runtime.run(job.request.inputs, job.request.outputs))
@@ -376,13 +376,20 @@ class Worker:
                                       job.request.outputs)
         future.add_done_callback(lambda f: self.finish_infer(job, f))
 
-    def run_inline(self, runtime: ModelRuntime) -> bool:
-        """Run on the loop thread when the model is known to answer in well under a millisecond
-        and nothing else is running: two thread hand-offs cost 60-90 us a call on 2 cores
-        (benchmarks/latency.py), more than such a model computes, and a ping waits at most
-        INLINE_BELOW for the loop."""
-        return (self.config.concurrency == 1 and self.inflight == 1
-                and runtime.typical_seconds < INLINE_BELOW)
+    def run_inline(self, job: Job) -> bool:
+        """Run on the loop thread when nothing else is in flight and the run is expected to be
+        short. The two thread hand-offs cost 60-90 us a call for a tiny model
+        (benchmarks/latency.py) and 0.2 ms for the 256 MiB MLP at batch 32 (beyond its run:
+        1.37/1.47/1.30 ms through the pool, 1.15/1.24/1.15 ms inline, two daemons side by side,
+        three runs), which is 0.7 % of that call. A worker runs one request at a time anyway,
+        so nothing else waits on the loop but what arrives meanwhile: pings, new connections
+        and the heartbeat wait at most about INLINE_BELOW. The expected time scales with the
+        inputs' size, so an unusually large batch still goes to the pool, and with it any run
+        long enough to starve the heartbeat."""
+        if self.config.concurrency != 1 or self.inflight != 1:
+            return False
+        size = sum(a.nbytes for a in job.request.inputs.values())
+        return job.runtime.expected_seconds(size) < INLINE_BELOW
 
     def finish_infer(self, job: Job, future: asyncio.Future[Any]) -> None:
         conn, request, runtime, started = job
@@ -403,7 +410,7 @@ class Worker:
         self.request_stats.record(runtime.model, runtime.version,
                           "ok" if exc is None else getattr(exc, "code", "internal"), elapsed)
         if exc is None:
-            runtime.observe(elapsed)
+            runtime.observe(elapsed, sum(a.nbytes for a in request.inputs.values()))
         else:
             if not isinstance(exc, errors.RemoteError):
                 log.error("inference on %s failed: %s", runtime.model, exc)
