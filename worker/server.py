@@ -385,8 +385,9 @@ class Worker:
         so nothing else waits on the loop but what arrives meanwhile: pings, new connections
         and the heartbeat wait at most about INLINE_BELOW. The expected time scales with the
         inputs' size, so an unusually large batch still goes to the pool, and with it any run
-        long enough to starve the heartbeat."""
-        if self.config.concurrency != 1 or self.inflight != 1:
+        long enough to starve the heartbeat. Not while a new version is prepared: the loop
+        answers the supervisor the moment the session is ready, since the flip waits for it."""
+        if self.config.concurrency != 1 or self.inflight != 1 or self.preparing:
             return False
         size = sum(a.nbytes for a in job.request.inputs.values())
         return job.runtime.expected_seconds(size) < INLINE_BELOW
