@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -71,6 +72,12 @@ PREPACK_REASON = ("pre-packed segment = optimized graph + original weights + pre
 # worker.heap.IDLE_SECONDS (checked on each 1 s heartbeat); the USS just after the last call is
 # printed too.
 AT_REST = 3.0
+# ...and no younger than MIN_AGE: ONNX Runtime starts a short burst of threads about 10 s into
+# a worker's life (seen with strace), whose exited stacks glibc keeps cached (~20 KiB private
+# each). A quick tiny-model daemon was measured ~4 s in, before it, and a Conv daemon after,
+# which put ~0.1 MiB per worker on the Conv model: 2.4 % of it (target 2 %) where the same
+# workers at the same age differ by 1.1 % (helper probe, 2026-11-28, 4 daemons each).
+MIN_AGE = 15.0
 MODES = {"pre-packed": [], "no-prepack": ["--no-prepack"]}
 
 NAIVE = r"""
@@ -149,7 +156,8 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
         status = daemon.status()
         active = active_pids(status)
         busy = [smaps_memory(pid) for pid in active]
-        time.sleep(AT_REST)
+        youngest = min(time.time() - psutil.Process(pid).create_time() for pid in active)
+        time.sleep(max(AT_REST, MIN_AGE - youngest))
         per_worker = [smaps_memory(pid) for pid in active]
         spares = [smaps_memory(w["pid"]) for w in status["workers"] if w["pid"] not in active]
         everyone = per_worker + spares + [smaps_memory(daemon.proc.pid)]
@@ -264,7 +272,8 @@ def main() -> int:
                              mib(r["seg_size"]), mib(r["seg_pages"]), mib(r["total"]),
                              mib(r["literal"])])
     print(f"memory per worker after warm-up + {args.inferences} inferences each, all processes "
-          f"alive, measured {AT_REST:.0f} s after the last call (at rest); MiB. MLP {mib(sizes['mlp'])} MiB file"
+          f"alive, measured {AT_REST:.0f} s after the last call (at rest) and at least "
+          f"{MIN_AGE:.0f} s after each worker started; MiB. MLP {mib(sizes['mlp'])} MiB file"
           + (f", Conv {mib(sizes['conv'])} MiB file" if "conv" in names else "") + ".")
     print("empty = same mode and worker count serving only the tiny model (naive: a naive process "
           "on the tiny model); attributable = USS - empty USS; total = sum(PSS outside /dev/shm) "

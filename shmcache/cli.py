@@ -164,7 +164,9 @@ def serve_config(args: argparse.Namespace) -> Any:
     cli = {k: v for k, v in vars(args).items() if k in option_types() and v is not None}
     if args.model:
         cli["models"] = list(args.model)
-    config = load_config(args.config, cli, os.environ)
+    config = load_config(args.config, cli, os.environ,
+                         warn=lambda text: print(f"shmcache serve: warning: {text}",
+                                                 file=sys.stderr))
     if not config.models:
         config.models = [ModelSpec("embedded", embedded_model_path())]
     return config

@@ -226,6 +226,7 @@ class Arbiter:
         self.early_peers: set[Peer] = set()
         self.accept_paused: dict[socket.socket, float] = {}  # listener -> resume at (monotonic)
         self.last_tick = time.monotonic()
+        self.polled_at = time.monotonic()  # when the loop last read what is pending
         self.started = time.time()
         self.last_watchdog = 0.0
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -488,7 +489,9 @@ class Arbiter:
 
     def wait_and_dispatch(self) -> None:
         self.update_write_interest()
-        for key, _ in self.sel.select(TICK):
+        events = self.sel.select(TICK)
+        self.polled_at = time.monotonic()
+        for key, _ in events:
             key.data(key.fileobj)
 
     def update_write_interest(self) -> None:
@@ -979,6 +982,8 @@ class Arbiter:
 
     def murder_stale_workers(self) -> None:
         now = time.monotonic()
+        if now - self.polled_at > AWAY_AFTER:  # stopped mid-tick: beats may wait unread
+            return
         for w in list(self.workers.values()):
             if w.state == "ready" and now - w.last_beat > self.cfg.heartbeat_timeout:
                 log.error("worker %d silent for %.0fs; killing it", w.pid, now - w.last_beat)

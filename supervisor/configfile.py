@@ -53,13 +53,21 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 Layer = dict[str, tuple[object, str]]  # key -> (value, where it came from)
 
 
-def load_config(path: Path | None, cli: Mapping[str, object], env: Mapping[str, str]) -> ServeConfig:
+def load_config(path: Path | None, cli: Mapping[str, object], env: Mapping[str, str],
+                warn: Callable[[str], None] | None = None) -> ServeConfig:
     """The validated configuration; ``cli`` holds only the flags the user gave (field names as
     keys, ``models`` as a list of ``NAME=PATH`` strings or ``ModelSpec``), ``env`` is usually
-    ``os.environ``."""
+    ``os.environ``. ``warn`` hears of every flag a variable overrides with another value:
+    SHMCACHE_SOCKET, exported for clients, once made ``serve --socket X`` bind elsewhere
+    without a word."""
     values: dict[str, object] = {}
     origin: dict[str, str] = {}
-    layers = [read_file(path) if path is not None else {}, from_cli(cli), from_env(env)]
+    flags, variables = from_cli(cli), from_env(env)
+    for key in flags.keys() & variables.keys():
+        if warn is not None and flags[key][0] != variables[key][0]:
+            warn(f"{variables[key][1]} overrides {flags[key][1]} "
+                 f"({shown(variables[key][0])} instead of {shown(flags[key][0])})")
+    layers = [read_file(path) if path is not None else {}, flags, variables]
     for layer in layers:
         for key, (value, where) in layer.items():
             values[key] = value
@@ -71,6 +79,10 @@ def load_config(path: Path | None, cli: Mapping[str, object], env: Mapping[str, 
         key = str(exc).split(" ", 1)[0].rstrip(":")
         where = origin.get(key, "default")
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def shown(value: object) -> str:
+    return str(value) if isinstance(value, Path) else repr(value)
 
 
 # --- the option table --------------------------------------------------------------------------

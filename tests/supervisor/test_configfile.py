@@ -66,6 +66,14 @@ def test_flags_override_file_and_environment_overrides_both(tmp_path: Path) -> N
     assert config.models == [ModelSpec("a", tmp_path / "a.onnx")]
 
 
+def test_a_flag_overridden_by_the_environment_is_said(tmp_path: Path) -> None:
+    heard: list[str] = []
+    config = load_config(None, {"socket": "/flag.sock", "workers": 3},
+                         {"SHMCACHE_SOCKET": "/env.sock", "SHMCACHE_WORKERS": "3"}, heard.append)
+    assert config.socket == Path("/env.sock")
+    assert heard == ["SHMCACHE_SOCKET overrides --socket (/env.sock instead of /flag.sock)"]
+
+
 def test_models_from_flags_and_environment_replace_the_file_s(tmp_path: Path) -> None:
     path = write(tmp_path, '[models]\na = "a.onnx"\n')
     assert load_config(path, {"models": ["x=/x.onnx"]}, {}).models == [
