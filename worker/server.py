@@ -75,7 +75,7 @@ WORKER_OK = 0
 WORKER_BOOT_ERROR = 3
 WORKER_LOST_SUPERVISOR = 4
 HEARTBEAT = 1.0
-INLINE_BELOW = 0.05  # seconds: a run expected to take less goes on the loop thread
+INLINE_BELOW = 0.0005  # seconds: a run expected to take less goes on the loop thread
 SPIN_AFTER_BELOW = 0.002  # seconds: the loop stays hot only after answering calls this quick
 PR_SET_PDEATHSIG = 1
 BACKGROUND_NICE = 10  # added to a background prepare thread's nice value
@@ -377,16 +377,17 @@ class Worker:
         future.add_done_callback(lambda f: self.finish_infer(job, f))
 
     def run_inline(self, job: Job) -> bool:
-        """Run on the loop thread when nothing else is in flight and the run is expected to be
-        short. The two thread hand-offs cost 60-90 us a call for a tiny model
-        (benchmarks/latency.py) and 0.2 ms for the 256 MiB MLP at batch 32 (beyond its run:
-        1.37/1.47/1.30 ms through the pool, 1.15/1.24/1.15 ms inline, two daemons side by side,
-        three runs), which is 0.7 % of that call. A worker runs one request at a time anyway,
-        so nothing else waits on the loop but what arrives meanwhile: pings, new connections
-        and the heartbeat wait at most about INLINE_BELOW. The expected time scales with the
-        inputs' size, so an unusually large batch still goes to the pool, and with it any run
-        long enough to starve the heartbeat. Not while a new version is prepared: the loop
-        answers the supervisor the moment the session is ready, since the flip waits for it."""
+        """Run on the loop thread when nothing else is in flight and the run is expected to
+        take well under a millisecond: two thread hand-offs cost 60-90 us a call on 2 cores
+        (benchmarks/latency.py), more than such a model computes. The expected time is the
+        typical run scaled by the inputs' size, so an unusually large batch goes to the pool.
+
+        Not for longer runs, though it would save the 256 MiB MLP 0.2 ms a call (e5f4c5d ran
+        anything under 50 ms here): while a run holds the loop, the worker reads nothing, so
+        requests wait unread in their sockets instead of being refused ``overloaded`` past
+        max_inflight, and one connection's pipelined requests all run before any other
+        connection's turn. Not while a version is prepared either: the flip waits for the
+        worker's reply."""
         if self.config.concurrency != 1 or self.inflight != 1 or self.preparing:
             return False
         size = sum(a.nbytes for a in job.request.inputs.values())

@@ -557,8 +557,8 @@ def test_ping_answers_while_a_model_computes(busy_worker: tuple[WorkerProcess, P
 
 def test_a_batch_far_larger_than_usual_runs_off_the_loop(
         busy_worker: tuple[WorkerProcess, Path]) -> None:
-    """Short runs go on the worker's loop thread (two hand-offs saved); whether a run is short
-    is judged by the typical run scaled by the inputs' size, so one batch 4096x the usual is
+    """A run expected to be short may go on the worker's loop thread (two hand-offs saved);
+    expected by the typical run scaled by the inputs' size, so one batch 4096x the usual is
     not taken for a short run: it goes to the pool, and pings are answered meanwhile."""
     worker, _ = busy_worker
     with shmcache.Client(str(worker.socket_path)) as small:
