@@ -122,7 +122,11 @@ class Worker:
         self.runtimes: dict[str, dict[int, ModelRuntime]] = {m: {} for m in config.models}
         # (model, version) of prepares running; a drop takes its version out (an abandoned
         # publish): a session finished after its drop must not stay, mapping a dead segment.
-        self.preparing: set[tuple[str, int]] = set()
+        # (model, version) -> the prepare under way for it. A token, not a set entry: a
+        # version dropped and asked for again (a restore paused by a publish, then resumed)
+        # has two prepares in flight, and the first one's end must neither take the second's
+        # place nor clear its entry (it did: the resumed restore failed as "dropped").
+        self.preparing: dict[tuple[str, int], object] = {}
         self.live: dict[str, set[int]] = {m: set() for m in config.models}
         self.table = VersionTable.attach(config.version_table) if config.version_table else None
         self.inflight = 0  # requests read and not answered yet, running or queued
@@ -449,12 +453,15 @@ class Worker:
             raise errors.UnknownModel(f"no model {model!r}")
         if version in self.runtimes[model]:
             return  # mapped at boot: this worker started after the segment was built
-        self.preparing.add((model, version))
+        token = object()
+        self.preparing[(model, version)] = token
         try:
             runtime = await self._prepare_runtime(model, segment, background)
         finally:
-            dropped = (model, version) not in self.preparing  # drop() took it out
-            self.preparing.discard((model, version))
+            # drop() took it out, or a newer prepare of the same version took its place
+            dropped = self.preparing.get((model, version)) is not token
+            if not dropped:
+                del self.preparing[(model, version)]
         why = ""
         if dropped:
             why = f"{model} v{version} was dropped while it was prepared"
@@ -490,7 +497,7 @@ class Worker:
     def drop(self, model: str, version: int) -> None:
         """Forget a version; requests still running on it keep their reference until done.
         Its session and mapping are freed off the loop (release_when_unused)."""
-        self.preparing.discard((model, version))
+        self.preparing.pop((model, version), None)
         self.live.get(model, set()).discard(version)
         if version != self.current_version(model):
             runtime = self.runtimes.get(model, {}).pop(version, None)
