@@ -335,7 +335,8 @@ class Worker:
                 f"(limit {self.config.max_inflight}); retry later")
         self.inflight += 1
         conn.inflight += 1
-        job = Job(conn, request, runtime, time.perf_counter())
+        job = Job(conn, request, runtime, time.perf_counter(),
+                  sum(a.nbytes for a in request.inputs.values()))
         if self.running < self.config.concurrency and not self.turns:
             self.dispatch(job)
         else:
@@ -394,11 +395,10 @@ class Worker:
         worker's reply."""
         if self.config.concurrency != 1 or self.inflight != 1 or self.preparing:
             return False
-        size = sum(a.nbytes for a in job.request.inputs.values())
-        return job.runtime.expected_seconds(size) < INLINE_BELOW
+        return job.runtime.expected_seconds(job.input_bytes) < INLINE_BELOW
 
     def finish_infer(self, job: Job, future: asyncio.Future[Any]) -> None:
-        conn, request, runtime, started = job
+        conn, request, runtime, started, _ = job
         self.running -= 1
         self.inflight -= 1
         conn.inflight -= 1
@@ -416,7 +416,7 @@ class Worker:
         self.request_stats.record(runtime.model, runtime.version,
                           "ok" if exc is None else getattr(exc, "code", "internal"), elapsed)
         if exc is None:
-            runtime.observe(elapsed, sum(a.nbytes for a in request.inputs.values()))
+            runtime.observe(elapsed, job.input_bytes)
         else:
             if not isinstance(exc, errors.RemoteError):
                 log.error("inference on %s failed: %s", runtime.model, exc)
@@ -512,6 +512,7 @@ class Job(NamedTuple):
     request: protocol.Request
     runtime: ModelRuntime
     started: float  # perf_counter when read: its latency counts the wait for a thread
+    input_bytes: int  # what the run is expected to cost by (ModelRuntime.expected_seconds)
 
 
 class Acceptor:
