@@ -134,6 +134,7 @@ class WorkerHandle:
     retiring: bool = False  # to be replaced by a reload
     standby: bool = False  # warm, not accepting, until activated to replace an active worker
     board_slot: int | None = None  # its slot on the connection board, if it got one
+    boot_timed_out: bool = False  # killed for boot_timeout: its exit is a boot failure
     # a standby's prepares after a flip: control id -> (model, version)
     catching_up: dict[int, tuple[str, int]] = field(default_factory=dict)
 
@@ -952,8 +953,9 @@ class Arbiter:
             return
         if w.state == "booting":
             self.boot_failures += 1
-            log.error("worker %d died while booting (%s); %d boot failure(s) in a row",
-                      w.pid, how, self.boot_failures)
+            why = "killed after boot_timeout" if w.boot_timed_out else f"died while booting ({how})"
+            log.error("worker %d %s; %d boot failure(s) in a row", w.pid, why,
+                      self.boot_failures)
             if self.boot_failures >= self.cfg.max_boot_failures:
                 log.error("workers failed to boot %d times in a row; giving up",
                           self.boot_failures)
@@ -989,9 +991,21 @@ class Arbiter:
                 log.error("worker %d silent for %.0fs; killing it", w.pid, now - w.last_beat)
                 self.restarts += 1  # hung is as unexpected as dead; its exit reads as a stop
                 self.stop_worker(w, signal.SIGKILL)
-            elif w.state == "booting" and now - w.started > self.cfg.boot_timeout:
-                log.error("worker %d not ready after %.0fs; killing it", w.pid, now - w.started)
-                self.stop_worker(w, signal.SIGKILL)
+            elif (w.state == "booting" and not w.boot_timed_out
+                  and now - w.started > self.cfg.boot_timeout):
+                self.kill_slow_booter(w, now)
+
+    def kill_slow_booter(self, w: WorkerHandle, now: float) -> None:
+        """A worker that never got ready is killed but stays "booting", so its exit counts
+        towards max_boot_failures: a model that always takes longer than boot_timeout to
+        load would otherwise be retried for ever, each try logged as a plain stop."""
+        log.error("worker %d not ready after %.0fs (boot_timeout); killing it",
+                  w.pid, now - w.started)
+        w.boot_timed_out = True
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def ready_workers(self) -> list[WorkerHandle]:
         """Ready workers that accept requests (a standby is ready but not accepting)."""

@@ -160,6 +160,9 @@ class Worker:
 
         await asyncio.gather(*(open_one(m, s) for m, segs in self.config.models.items()
                                for s in segs))
+        delay = float(os.environ.get("SHMCACHE_FAULT_BOOT_DELAY", "0"))
+        if delay:  # fault injection for tests: a model slower to load than boot_timeout
+            await asyncio.sleep(delay)
 
     def _open_and_warm(self, segment: str, strict: bool = False,
                        huge_pages: bool = False) -> ModelRuntime:

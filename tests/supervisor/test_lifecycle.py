@@ -456,6 +456,20 @@ def test_boot_loop_stops_the_daemon_with_the_reason(tmp_path: Path) -> None:
     assert d.segments() == []
 
 
+def test_workers_past_boot_timeout_count_as_boot_failures(tmp_path: Path) -> None:
+    """A worker killed for not getting ready within boot_timeout failed to boot: a model
+    that always loads too slowly ends in the boot-loop exit, not in endless retries."""
+    path = models.save(models.mlp(), tmp_path / "m.onnx")
+    d = Daemon(tmp_path, {"m": path}, workers=1,
+               extra=["--boot-timeout", "1", "--max-boot-failures", "2", "--standby", "0"],
+               env={"SHMCACHE_FAULT_BOOT_DELAY": "60"})
+    assert d.wait_exit(60) == 3
+    text = d.log_text()
+    assert text.count("killed after boot_timeout") == 2
+    assert "2 boot failure(s) in a row" in text and "giving up" in text
+    assert d.segments() == []
+
+
 def test_ping_answers_before_ready_and_infer_gets_not_ready(tmp_path: Path) -> None:
     path = models.save(unloadable_model(), tmp_path / "unloadable.onnx")  # type: ignore[arg-type]
     d = Daemon(tmp_path, {"bad": path}, workers=1, extra=["--max-boot-failures", "1000"])
