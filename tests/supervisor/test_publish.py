@@ -842,6 +842,51 @@ def test_a_worker_retired_during_a_prepare_does_not_fail_the_publish(
     assert d.segments() == []
 
 
+def thread_nice_values(pid: int) -> dict[int, int]:
+    """Thread id -> nice value, for every thread of ``pid`` (field 19 of its stat)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+        except FileNotFoundError:
+            pass  # exited meanwhile
+    return out
+
+
+def test_inference_yields_to_a_prepare_and_fresh_threads_serve_after_it(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    """While a publish's prepare runs, the worker's inference thread runs niced (the flip
+    waits for the prepare); calls are still answered, and afterwards they run on a fresh
+    thread at the worker's own priority (a nice value cannot be lowered again)."""
+    d = Daemon(tmp_path, {"m": weights["A"]}, workers=1,
+               extra=["--standby", "0", "--threads", "1"],
+               env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
+    try:
+        x = np.ones((1, 64), np.float32)
+        assert call(d, x)[1] == 1  # the inference thread exists
+        (pid,) = d.worker_pids()
+        before = thread_nice_values(pid)
+        base = before[pid]  # the worker's own (the test runner may itself run niced)
+        assert set(before.values()) == {base}
+        proc = publish_while_preparing(d, weights["B"])
+        during = thread_nice_values(pid)
+        niced = {tid for tid, nice in during.items() if nice == min(19, base + 3)}
+        assert len(niced) == 1 and niced <= set(before)  # the inference thread, nothing else
+        assert set(during.values()) == {base, min(19, base + 3)}
+        assert call(d, x)[1] == 1  # still served meanwhile, on the old version
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert_serves(d, 2, weights["B"])
+        wait_until(lambda: set(thread_nice_values(pid).values()) == {base}, 10,
+                   "the niced thread retired")
+        assert not niced & set(thread_nice_values(pid))
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def test_killed_publisher_leaves_the_old_version_serving(
     daemon: Daemon, weights: dict[str, Path], tmp_path: Path
 ) -> None:
