@@ -79,9 +79,11 @@ INLINE_BELOW = 0.0005  # seconds: a run expected to take less goes on the loop t
 SPIN_AFTER_BELOW = 0.002  # seconds: the loop stays hot only after answering calls this quick
 PR_SET_PDEATHSIG = 1
 BACKGROUND_NICE = 10  # added to a background prepare thread's nice value
-# Added to the inference threads' nice value while a publish's prepare runs (see
-# Worker.prepare_first): CFS then gives the prepare ~2/3 of a shared core instead of half.
-PREPARE_PRECEDENCE = 3
+# A publish's prepare still running after PRECEDENCE_AFTER seconds gets precedence: the
+# inference threads' nice value is raised by PREPARE_PRECEDENCE (see Worker.prepare_first),
+# and CFS gives the prepare ~4/5 of a shared core instead of half.
+PRECEDENCE_AFTER = 0.6
+PREPARE_PRECEDENCE = 6
 ATTACH_TIMEOUT = 5.0  # seconds a client has to send its arena's fd after asking to attach
 ACCEPT_STEP = 0.010  # seconds a worker waits before accepting, per connection it already has
 ACCEPT_MAX_DELAY = 0.050
@@ -138,7 +140,10 @@ class Worker:
         self.served = 0
         self.started = time.monotonic()
         self.connections: set[ClientConnection] = set()
-        self.yielding = 0  # prepares running that the inference threads yield to
+        self.prepares_running = 0  # a publish's prepares (not a standby's catch-up)
+        self.yielding = False  # the inference threads run niced, for a late prepare
+        # Per thread on Linux: PRIO_PROCESS 0 is the calling (main) thread's own.
+        self.yielding_nice = os.getpriority(os.PRIO_PROCESS, 0) + PREPARE_PRECEDENCE
         self.pool_tids: list[int] = []
         self.pool = self.new_pool()
         self.request_stats = RequestStats()
@@ -158,37 +163,52 @@ class Worker:
         def register() -> None:
             tids.append(threading.get_native_id())
             if self.yielding:  # started while a prepare runs: yields like the others
-                renice_thread(tids[-1], PREPARE_PRECEDENCE)
+                renice_thread(tids[-1], self.yielding_nice)
 
         return ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="infer",
                                   initializer=register)
 
     @contextlib.contextmanager
     def prepare_first(self) -> Iterator[None]:
-        """While a publish's prepare runs, the inference threads run PREPARE_PRECEDENCE nicer.
+        """A publish's prepare still running after PRECEDENCE_AFTER gets precedence over
+        inference: the inference threads run PREPARE_PRECEDENCE nicer until it is done.
 
         The flip waits for every active worker's session over the new segment, and ORT's
-        re-pack of every weight otherwise gets half a core next to a busy inference thread:
-        swap.py (256 MiB MLP, 2 workers x 1 thread, 3 clients, 2 cores) prepared in p50 0.98 s,
-        max 1.11 s, and with this in p50 0.69 s, max 0.86 s (p99 during swaps 1.26x and 1.64x
-        steady state). The calls of those ~0.7 s pay for it. An unprivileged process cannot
-        lower a nice value again, so the niced threads are retired afterwards (each after its
-        current run) and fresh ones take over. Only with one intra-op thread: with more, ORT's
-        own pool threads run the model, and they belong to the served session."""
+        re-pack of every weight gets half a core next to a busy inference thread. swap.py
+        (256 MiB MLP, 2 workers x 1 thread, 3 clients, 2 cores; 10 publishes a run, runs
+        alternated): without precedence the prepare took p50 0.77 / 0.85 s, max 1.08 / 0.91 s,
+        p99 during swaps 1.05x / 1.54x steady state; with it, late, p50 0.79 / 0.77 s, max
+        0.83 / 0.81 s, p99 1.74x / 1.78x. Precedence from the start (nice +3) took the p50 to
+        0.60-0.71 s, but slowed every call during it to a third of its speed, 2.5 % of a
+        swap's calls: their p99 came to 2.09x steady state on a quiet host. Late only, the
+        calls of the usual prepare keep their half core, and a slow one is still cut short.
+
+        An unprivileged process cannot lower a nice value again, so the niced threads are
+        retired afterwards (each after its current run) and fresh ones take over. Only with
+        one intra-op thread: with more, ORT's own pool threads run the model, and they
+        belong to the served session."""
         if self.config.settings.intra_op_threads != 1:
             yield
             return
-        if self.yielding == 0:
-            for tid in list(self.pool_tids):
-                renice_thread(tid, PREPARE_PRECEDENCE)
-        self.yielding += 1
+        late = asyncio.get_running_loop().call_later(PRECEDENCE_AFTER, self.yield_to_prepares)
+        self.prepares_running += 1
         try:
             yield
         finally:
-            self.yielding -= 1
-            if self.yielding == 0:
+            late.cancel()
+            self.prepares_running -= 1
+            if self.prepares_running == 0 and self.yielding:
+                self.yielding = False
                 niced, self.pool = self.pool, self.new_pool()
                 niced.shutdown(wait=False)
+
+    def yield_to_prepares(self) -> None:
+        if self.yielding or not self.prepares_running:
+            return
+        self.yielding = True
+        log.debug("a prepare is running late: inference yields to it")
+        for tid in list(self.pool_tids):
+            renice_thread(tid, self.yielding_nice)
 
     # --- boot ---------------------------------------------------------------------------
 
@@ -959,10 +979,10 @@ def recv_fds(sock: socket.socket, max_fds: int = 4) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def renice_thread(tid: int, more: int) -> None:
-    """Raise thread ``tid``'s nice value by ``more`` (best effort: it may have exited)."""
+def renice_thread(tid: int, nice: int) -> None:
+    """Set thread ``tid``'s nice value (best effort: it may have exited)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + more))
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, nice))
     except OSError:
         pass
 
@@ -983,7 +1003,8 @@ async def in_niced_thread(fn: Callable[..., T], *args: object) -> T:
 
     def body() -> None:
         try:
-            renice_thread(threading.get_native_id(), BACKGROUND_NICE)
+            renice_thread(threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0)
+                          + BACKGROUND_NICE)
             result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             loop.call_soon_threadsafe(settle, None, exc)

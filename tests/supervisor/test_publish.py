@@ -25,6 +25,7 @@ from shmcache.paths import control_socket_path
 from supervisor.arbiter import EXIT_STARTUP
 from tests.supervisor.daemon import ROOT, Daemon, serving, wait_until
 from worker.runtime import SessionSettings
+from worker.server import PREPARE_PRECEDENCE
 
 SIZES = (64, 256, 32)
 
@@ -857,8 +858,8 @@ def thread_nice_values(pid: int) -> dict[int, int]:
 def test_inference_yields_to_a_prepare_and_fresh_threads_serve_after_it(
     tmp_path: Path, weights: dict[str, Path]
 ) -> None:
-    """While a publish's prepare runs, the worker's inference thread runs niced (the flip
-    waits for the prepare); calls are still answered, and afterwards they run on a fresh
+    """While a publish's prepare runs late, the worker's inference thread runs niced (the
+    flip waits for the prepare); calls are still answered, and afterwards they run on a fresh
     thread at the worker's own priority (a nice value cannot be lowered again)."""
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1,
                extra=["--standby", "0", "--threads", "1"],
@@ -870,11 +871,13 @@ def test_inference_yields_to_a_prepare_and_fresh_threads_serve_after_it(
         before = thread_nice_values(pid)
         base = before[pid]  # the worker's own (the test runner may itself run niced)
         assert set(before.values()) == {base}
-        proc = publish_while_preparing(d, weights["B"])
+        proc = publish_while_preparing(d, weights["B"])  # held back 3 s: late
+        yielding = min(19, base + PREPARE_PRECEDENCE)
+        wait_until(lambda: yielding in thread_nice_values(pid).values(), 2.5, "yielding")
         during = thread_nice_values(pid)
-        niced = {tid for tid, nice in during.items() if nice == min(19, base + 3)}
+        niced = {tid for tid, nice in during.items() if nice == yielding}
         assert len(niced) == 1 and niced <= set(before)  # the inference thread, nothing else
-        assert set(during.values()) == {base, min(19, base + 3)}
+        assert set(during.values()) == {base, yielding}
         assert call(d, x)[1] == 1  # still served meanwhile, on the old version
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
