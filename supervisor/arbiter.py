@@ -875,10 +875,7 @@ class Arbiter:
         if w.state != "stopping":
             log.info("stopping worker %d (%s)", w.pid, signal.Signals(sig).name)
         w.state = "stopping"
-        try:
-            os.kill(w.pid, sig)
-        except ProcessLookupError:
-            pass
+        signal_worker(w, sig)
 
     def on_worker_readable(self, w: WorkerHandle) -> None:
         peer = w.peer
@@ -1002,10 +999,7 @@ class Arbiter:
         log.error("worker %d not ready after %.0fs (boot_timeout); killing it",
                   w.pid, now - w.started)
         w.boot_timed_out = True
-        try:
-            os.kill(w.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_worker(w, signal.SIGKILL)
 
     def ready_workers(self) -> list[WorkerHandle]:
         """Ready workers that accept requests (a standby is ready but not accepting)."""
@@ -1644,6 +1638,14 @@ def memory_of(pid: int) -> dict[str, int]:
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return {"rss": 0, "uss": 0, "pss": 0, "shared": 0}
     return {"rss": info.rss, "uss": info.uss, "pss": info.pss, "shared": info.rss - info.uss}
+
+
+def signal_worker(w: WorkerHandle, sig: int) -> None:
+    """Signal ``w``, which may have exited already (it is reaped on the next tick)."""
+    try:
+        os.kill(w.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def child_env() -> dict[str, str]:

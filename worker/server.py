@@ -125,12 +125,12 @@ class Worker:
         self.config = config
         self.control_sock = control
         self.runtimes: dict[str, dict[int, ModelRuntime]] = {m: {} for m in config.models}
-        # (model, version) of prepares running; a drop takes its version out (an abandoned
-        # publish): a session finished after its drop must not stay, mapping a dead segment.
-        # (model, version) -> the prepare under way for it. A token, not a set entry: a
-        # version dropped and asked for again (a restore paused by a publish, then resumed)
-        # has two prepares in flight, and the first one's end must neither take the second's
-        # place nor clear its entry (it did: the resumed restore failed as "dropped").
+        # (model, version) -> a token for the prepare under way for it. A drop takes it out
+        # (an abandoned publish): a session finished after its drop must not stay, mapping a
+        # dead segment. A token, not a set entry: a version dropped and asked for again (a
+        # restore paused by a publish, then resumed) has two prepares in flight, and the
+        # first one's end must neither take the second's place nor clear its entry (it did:
+        # the resumed restore failed as "dropped").
         self.preparing: dict[tuple[str, int], object] = {}
         self.live: dict[str, set[int]] = {m: set() for m in config.models}
         self.table = VersionTable.attach(config.version_table) if config.version_table else None
@@ -225,9 +225,7 @@ class Worker:
 
         await asyncio.gather(*(open_one(m, s) for m, segs in self.config.models.items()
                                for s in segs))
-        delay = float(os.environ.get("SHMCACHE_FAULT_BOOT_DELAY", "0"))
-        if delay:  # fault injection for tests: a model slower to load than boot_timeout
-            await asyncio.sleep(delay)
+        await fault_delay("SHMCACHE_FAULT_BOOT_DELAY")  # a model slower than boot_timeout
 
     def _open_and_warm(self, segment: str, strict: bool = False,
                        huge_pages: bool = False) -> ModelRuntime:
@@ -553,9 +551,7 @@ class Worker:
             else:
                 runtime = await loop.run_in_executor(None, self._open_and_warm, segment, strict,
                                                      True)
-            delay = float(os.environ.get("SHMCACHE_FAULT_PREPARE_DELAY", "0"))
-            if delay:  # fault injection for tests: widen the window in which a prepare runs
-                await asyncio.sleep(delay)
+            await fault_delay("SHMCACHE_FAULT_PREPARE_DELAY")  # a wider window to act in
         return runtime
 
     async def activate(self) -> None:
@@ -977,6 +973,13 @@ def recv_fds(sock: socket.socket, max_fds: int = 4) -> tuple[bytes, list[int]]:
             os.close(fd)
         raise errors.Malformed(f"attach expects exactly one fd, got more than {max_fds}")
     return data, fds
+
+
+async def fault_delay(variable: str) -> None:
+    """Fault injection for tests: sleep as many seconds as ``variable`` says, if set."""
+    delay = float(os.environ.get(variable, "0"))
+    if delay:
+        await asyncio.sleep(delay)
 
 
 def renice_thread(tid: int, nice: int) -> None:
