@@ -55,7 +55,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper
 
-from shmcache.dtypes import numpy_dtype_for, type_name
+from shmcache.dtypes import DTYPES_BY_CODE, numpy_dtype_for, type_name
 from shmcache.errors import ModelError, SignatureMismatch, WeightsError
 from shmcache.model import collect_weights, load_model
 
@@ -126,6 +126,32 @@ def signature_of(model: onnx.ModelProto) -> Signature:
         tuple(_tensor_sig(v) for v in graph.input if v.name not in initializers),
         tuple(_tensor_sig(v) for v in graph.output),
     )
+
+
+def check_callable(sig: Signature) -> None:
+    """Refuse (ModelError) a model no request could run: one that requires an input the wire
+    cannot carry (strings, sequences, maps), or whose every output is of such a type (or
+    optional: a call cannot ask for an absent one). A model
+    with only some such outputs is served: a call asks for the others by name."""
+    from shmcache.protocol import ALLOWED_DTYPES
+
+    def carried(t: TensorSig) -> bool:
+        dtype = DTYPES_BY_CODE.get(t.elem_type)
+        return t.kind == "tensor" and dtype is not None and dtype.name in ALLOWED_DTYPES
+
+    def described(ts: Iterable[TensorSig]) -> str:
+        return ", ".join(f"{t.name!r} ({t.kind if t.kind != 'tensor' else type_name(t.elem_type)})"
+                         for t in ts)
+
+    # An optional-typed input may be left out of a call; any other input is required.
+    blocked = [t for t in sig.inputs if not carried(t) and not t.kind.startswith("optional(")]
+    if blocked:
+        raise ModelError(f"input(s) {described(blocked)} cannot be sent to the daemon "
+                         f"(its wire carries tensors of {', '.join(sorted(ALLOWED_DTYPES))}), "
+                         "so no request could run this model")
+    if sig.outputs and not any(carried(t) for t in sig.outputs):
+        raise ModelError(f"no output can be sent back ({described(sig.outputs)}; the "
+                         f"wire carries tensors of {', '.join(sorted(ALLOWED_DTYPES))})")
 
 
 def _tensor_sig(value: onnx.ValueInfoProto) -> TensorSig:

@@ -196,7 +196,10 @@ def load_what_is_kept(args: argparse.Namespace) -> tuple[onnx.ModelProto, Path, 
 
 
 def build(args: argparse.Namespace) -> dict[str, object]:
+    from shmcache.candidate import check_callable, signature_of
+
     model, source, digest = load_what_is_kept(args)
+    check_callable(signature_of(model))
     digest = digest or model_digest(source)  # recorded: a restart adopts only a match
     if args.expect_digest is not None and digest != args.expect_digest:
         raise FileChanged(

@@ -153,6 +153,15 @@ def with_strings() -> onnx.ModelProto:
     return _model(graph)
 
 
+def string_input() -> onnx.ModelProto:
+    """y = float(x) for a string input x: no request could ever send x."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "string_input",
+        [helper.make_tensor_value_info("x", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    return _model(graph)
+
+
 def overridable(seed: int = 6) -> onnx.ModelProto:
     """y = x @ w * scale, where scale is an initializer also listed as a graph input: ORT
     lets a run feed it (an optional input) or use the stored value."""
@@ -166,6 +175,26 @@ def overridable(seed: int = 6) -> onnx.ModelProto:
          helper.make_tensor_value_info("scale", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
     return _model(graph)
+
+
+def ir3_shared_constants(seed: int = 12) -> onnx.ModelProto:
+    """y = (x @ w + a) * b, IR version 3: every initializer is listed as a graph input too (as
+    IR < 4 required) and a == b, so ORT's ConstantSharing merges them, leaving one name in the
+    optimized graph's inputs with no initializer behind it (onnx's light_* models)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1.5], np.float32), "a"),
+             numpy_helper.from_array(np.array([1.5], np.float32), "b")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+         helper.make_node("Add", ["xw", "a"], ["t"]),
+         helper.make_node("Mul", ["t", "b"], ["y"])], "ir3_shared_constants",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+         *(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+    model = _model(graph, opset=7)
+    model.ir_version = 3
+    return model
 
 
 def multi_io(seed: int = 3) -> onnx.ModelProto:

@@ -53,6 +53,7 @@ from typing import Literal
 
 import onnx
 
+from shmcache.candidate import signature_of
 from shmcache.dtypes import numpy_dtype_for
 from shmcache.errors import ModelError
 from shmcache.model import model_digest as file_digest
@@ -146,7 +147,8 @@ def prepack_key(model_digest: str, opt_level: str, packed: bool = True) -> str:
     _check_level(opt_level)
     h = hashlib.sha256()
     for part in (
-        "shmcache-prepack-v1" if packed else "shmcache-optimized-v1",
+        # v2: graphs saved by v1 could ask for inputs their model has not (keep_served_inputs)
+        "shmcache-prepack-v2" if packed else "shmcache-optimized-v2",
         model_digest,
         ort.__version__,
         platform.machine(),
@@ -217,8 +219,47 @@ def run_prepack(
     if not data_path.exists():
         # A model with no initializer of >= 64 bytes: nothing external, nothing to share.
         data_path.write_bytes(b"")
+    keep_served_inputs(graph_path, model_path)
     return PrepackOutput(graph_path, data_path, prepack_key(model_digest, opt_level, packed),
                          packed)
+
+
+def keep_served_inputs(graph_path: Path, model_path: Path) -> None:
+    """Make the optimized graph ask for the inputs its model asks for, or raise ModelError.
+
+    In a model of IR version < 4 every initializer is listed as a graph input too, and ORT
+    takes them for constants: its optimizer merges equal ones (ConstantSharing) and folds
+    others, and the saved graph still lists the names it dropped as inputs, now with no
+    initializer behind them. A session over it would require them from every caller
+    (onnx's light_resnet50 asked for 212 such inputs). Names that no node reads any more are
+    taken out of the inputs; any other difference from the model's own inputs and outputs
+    raises, and the builder serves the model's plain weights instead.
+    """
+    from shmcache.skeleton import graph_skeleton
+
+    original = signature_of(onnx.ModelProto.FromString(graph_skeleton(model_path)))
+    optimized = onnx.load(str(graph_path), load_external_data=False)
+    graph = optimized.graph
+    constants = {t.name for t in graph.initializer} | {
+        s.values.name for s in graph.sparse_initializer}
+    wanted = {sig.name for sig in original.inputs}
+    dropped = [v for v in graph.input if v.name not in constants and v.name not in wanted]
+    if dropped:
+        read = {name for g in _graphs(graph) for node in g.node for name in node.input}
+        still_read = sorted(v.name for v in dropped if v.name in read)
+        if still_read:
+            raise ModelError(f"{model_path}: ORT's optimized graph reads {len(still_read)} "
+                             f"input(s) the model does not have ({', '.join(still_read[:5])})")
+        for v in dropped:
+            graph.input.remove(v)
+        graph_path.write_bytes(optimized.SerializeToString())
+    served = signature_of(optimized)
+    if ([v.name for v in served.inputs] != [v.name for v in original.inputs]
+            or [v.name for v in served.outputs] != [v.name for v in original.outputs]):
+        raise ModelError(
+            f"{model_path}: ORT's optimized graph has inputs {[v.name for v in served.inputs]} "
+            f"and outputs {[v.name for v in served.outputs]}; the model has "
+            f"{[v.name for v in original.inputs]} and {[v.name for v in original.outputs]}")
 
 
 # --- reading and relocating external data -------------------------------------------------------

@@ -23,6 +23,7 @@ from shmcache.candidate import (
     MAX_HEADER_BYTES,
     Signature,
     TensorSig,
+    check_callable,
     load_candidate,
     save_safetensors,
     signature_differences,
@@ -659,3 +660,23 @@ def test_fuzzed_npz_never_raise_another_error(
     path = tmp_path / "fuzz.npz"
     path.write_bytes(_apply_damage(good.read_bytes(), damage))
     _load_damaged(mlp_served, path)
+
+
+def test_a_model_no_request_could_run_is_refused() -> None:
+    """A required string input can never be sent, nor can a model's only output, if strings:
+    refused when the segment is built, not at every call. A string output next to others is
+    served (a call asks for the others by name)."""
+    with pytest.raises(ModelError, match=r"input\(s\) 'x' \(STRING\) cannot be sent"):
+        check_callable(signature_of(models.string_input()))
+    check_callable(signature_of(models.with_strings()))
+    only_strings = models.with_strings()
+    del only_strings.graph.output[0]
+    with pytest.raises(ModelError, match="no output can be sent back .*'ys' \\(STRING\\)"):
+        check_callable(signature_of(only_strings))
+    sequence_in = Signature((TensorSig("s", 0, None, "seq(tensor(float))"),), ())
+    with pytest.raises(ModelError, match=r"'s' \(seq\(tensor\(float\)\)\)"):
+        check_callable(sequence_in)
+    optional_in = Signature((TensorSig("x", TensorProto.FLOAT, (2,)),
+                             TensorSig("o", 0, None, "optional(tensor(float))")),
+                            (TensorSig("y", TensorProto.FLOAT, (2,)),))
+    check_callable(optional_in)  # a call may leave "o" out

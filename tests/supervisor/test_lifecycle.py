@@ -376,7 +376,8 @@ def test_a_socket_path_that_cannot_be_ours_is_a_clear_startup_error(
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     (b"not a model at all", "is not an ONNX model"),
-])
+    (models.string_input().SerializeToString(), "input(s) 'x' (STRING) cannot be sent"),
+], ids=["missing", "not-onnx", "string-input"])
 def test_bad_model_file_is_a_clear_startup_error(
     tmp_path: Path, content: bytes | None, message: str
 ) -> None:

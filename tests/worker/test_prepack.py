@@ -18,10 +18,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from shmcache.errors import ModelError
+from tests import models
 from worker.prepack import (
     PAGE,
     ExternalEntry,
     cpu_flags,
+    keep_served_inputs,
     main,
     prepack_key,
     read_external_entries,
@@ -237,3 +239,41 @@ def test_cli_runs_prepack_and_reports_failure_in_one_line(tmp_path: Path) -> Non
     assert proc.returncode != 0
     last = [line for line in proc.stderr.splitlines() if line.startswith("prepack failed")]
     assert len(last) == 1
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["pre-packed", "optimized"])
+def test_optimized_graph_asks_only_for_the_models_own_inputs(tmp_path: Path, packed: bool) -> None:
+    """IR < 4 lists every initializer as an input; ORT merges two equal ones and its saved
+    graph used to keep the dropped name as an input, now required from every caller."""
+    src = models.save(models.ir3_shared_constants(), tmp_path / "ir3.onnx")
+    out = run_prepack(src, tmp_path / "pp", "extended", packed=packed)
+    sess = ort.InferenceSession(str(out.graph_path), session_options("disabled"),
+                                providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x"]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    want = ort.InferenceSession(str(src), session_options("extended"),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert sess.run(None, {"x": x})[0].tobytes() == want.tobytes()
+
+
+def _graph_file(path: Path, inputs: list[str], reads: list[str], output: str = "y") -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Sum", reads, [output])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in inputs],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_optimized_graph_that_changed_the_signature_is_refused(tmp_path: Path) -> None:
+    """What cannot be put right raises, and the builder serves the plain weights instead."""
+    original = _graph_file(tmp_path / "m.onnx", ["x"], ["x"])
+    reads_ghost = _graph_file(tmp_path / "a.onnx", ["x", "ghost"], ["x", "ghost"])
+    with pytest.raises(ModelError, match="reads 1 input\\(s\\) the model does not have \\(ghost\\)"):
+        keep_served_inputs(reads_ghost, original)
+    renamed_output = _graph_file(tmp_path / "b.onnx", ["x"], ["x"], output="z")
+    with pytest.raises(ModelError, match="outputs \\['z'\\]"):
+        keep_served_inputs(renamed_output, original)
+    unread = _graph_file(tmp_path / "c.onnx", ["x", "unread"], ["x"])
+    keep_served_inputs(unread, original)
+    assert [i.name for i in onnx.load(str(unread)).graph.input] == ["x"]

@@ -55,6 +55,8 @@ FIDELITY_CASES = {
                              "scale": RNG.standard_normal(4).astype(np.float32)}),
     "overridable_default": (models.overridable(),
                             lambda: {"x": RNG.standard_normal((3, 4)).astype(np.float32)}),
+    "ir3_shared_constants": (models.ir3_shared_constants(),
+                             lambda: {"x": RNG.standard_normal((3, 4)).astype(np.float32)}),
     "int_and_half": (models.int_and_half(),
                      lambda: {"ints": RNG.integers(-100, 100, (4, 5), dtype=np.int32),
                               "halves": RNG.standard_normal((4, 5)).astype(np.float16)}),
