@@ -713,7 +713,9 @@ def save_safetensors(
         dtype = _little(np.asarray(array).dtype)
         if dtype not in _SAFETENSORS_NAMES:
             raise WeightsError(f"array {name!r}: dtype {dtype} has no safetensors type")
-        data = np.ascontiguousarray(array, dtype=dtype)
+        # np.require, not ascontiguousarray: that one makes a 0-d array 1-d (shape [1]), which
+        # a scalar weight (a zero point) would then be refused for.
+        data = np.require(np.asarray(array, dtype=dtype), requirements="C")
         header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(data.shape),
                         "data_offsets": [cursor, cursor + data.nbytes]}
         blobs.append(data)

@@ -198,14 +198,15 @@ def load_what_is_kept(args: argparse.Namespace) -> tuple[onnx.ModelProto, Path, 
 def build(args: argparse.Namespace) -> dict[str, object]:
     from shmcache.candidate import check_callable, signature_of
 
-    model, source, digest = load_what_is_kept(args)
+    digest = None
+    if args.expect_digest is not None and args.persist_to is None:
+        # Hashed before it is parsed: a truncated copy is a changed file (named as such,
+        # with the way out), not "not an ONNX model".
+        digest = check_unchanged(args, args.model_path, model_digest(args.model_path))
+    model, source, kept_digest = load_what_is_kept(args)
     check_callable(signature_of(model))
-    digest = digest or model_digest(source)  # recorded: a restart adopts only a match
-    if args.expect_digest is not None and digest != args.expect_digest:
-        raise FileChanged(
-            f"{source} changed since {args.model_name} v{args.version} was loaded from it "
-            f"(SHA-256 {digest[:16]}..., recorded {args.expect_digest[:16]}...): those "
-            "weights are gone")
+    if digest is None:  # recorded: a restart adopts only a match
+        digest = check_unchanged(args, source, kept_digest or model_digest(source))
     result: dict[str, object] = {"ok": True, "version": args.version}
     owned = None
     if args.prepack_cache is not None:
@@ -224,6 +225,16 @@ def build(args: argparse.Namespace) -> dict[str, object]:
             progress=report_progress, source=bytes.fromhex(digest))
     result.update(segment=owned.name, size=owned.size)
     return result
+
+
+def check_unchanged(args: argparse.Namespace, source: Path, digest: str) -> str:
+    """``digest`` if it is the one recorded for this version (or none is), else FileChanged."""
+    if args.expect_digest is not None and digest != args.expect_digest:
+        raise FileChanged(
+            f"{source} changed since {args.model_name} v{args.version} was loaded from it "
+            f"(SHA-256 {digest[:16]}..., recorded {args.expect_digest[:16]}...): those "
+            "weights are gone")
+    return digest
 
 
 def build_prepacked(args: argparse.Namespace, source: Path, digest: str) -> OwnedSegment:

@@ -43,7 +43,9 @@ class ModelSpec:
             check_model_name(name)
         except ShmcacheError as exc:
             raise ConfigError(f"models.{name}: {exc}") from None
-        return cls(name, Path(path).expanduser())
+        # Absolute (not resolved: a symlink stays one): the manifest records the configured
+        # file, and a relative path was read against the state directory on the next start.
+        return cls(name, Path(path).expanduser().absolute())
 
 
 def default_state_dir() -> Path:

@@ -209,8 +209,11 @@ class Manifest:
         self.record_current(state.name, state.current, version.file, version.digest)
 
     def relative(self, path: Path) -> str:
+        """How the manifest records ``path``: relative to the state directory when inside it
+        (the directory may move), else absolute (``recorded`` joins anything else to it)."""
+        path = path.absolute()
         try:
-            return str(path.relative_to(self.dir))
+            return str(path.relative_to(self.dir.absolute()))
         except ValueError:
             return str(path)
 

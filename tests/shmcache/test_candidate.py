@@ -680,3 +680,12 @@ def test_a_model_no_request_could_run_is_refused() -> None:
                              TensorSig("o", 0, None, "optional(tensor(float))")),
                             (TensorSig("y", TensorProto.FLOAT, (2,)),))
     check_callable(optional_in)  # a call may leave "o" out
+
+
+def test_save_safetensors_keeps_a_scalar_a_scalar(tmp_path: Path) -> None:
+    """A 0-d array (a zero point, a scale) is written with shape [], as the served tensor has it."""
+    path = tmp_path / "s.safetensors"
+    save_safetensors(path, {"zp": np.array(3, np.int8), "v": np.arange(2, dtype=np.float32)})
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert header["zp"]["shape"] == [] and header["v"]["shape"] == [2]

@@ -35,7 +35,8 @@ def wait_until(cond: Callable[[], Any], timeout: float = 60.0, what: str = "cond
 
 class Daemon:
     def __init__(self, tmp: Path, models: dict[str, Path] | None = None, workers: int = 2,
-                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.tmp = tmp
         self.socket = tmp / "d.sock"
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
@@ -47,7 +48,7 @@ class Daemon:
         cmd += extra or []
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            cmd, stderr=self.log, stdout=self.log,
+            cmd, stderr=self.log, stdout=self.log, cwd=cwd,
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         STARTED.append(self)
 

@@ -181,3 +181,12 @@ def test_parse_address() -> None:
     for bad in ("9464", ":9464", "host:", "host:70000", "host:http"):
         with pytest.raises(ConfigError):
             parse_address(bad)
+
+
+def test_a_relative_model_path_is_taken_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made absolute when given, so the manifest never reads it against the state directory."""
+    monkeypatch.chdir(tmp_path)
+    assert ModelSpec.parse("m=models/m.onnx") == ModelSpec("m", tmp_path / "models" / "m.onnx")
+    assert ModelSpec.parse("m.onnx") == ModelSpec("m", tmp_path / "m.onnx")

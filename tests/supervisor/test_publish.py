@@ -601,6 +601,39 @@ def test_kept_versions_survive_a_restart_for_rollback(
     assert d.segments() == []
 
 
+def test_a_relative_model_path_survives_restarts(tmp_path: Path, weights: dict[str, Path]) -> None:
+    """``--model m=models/a.onnx``, given relative to the working directory: the manifest used
+    to record it as given and read it back against the state directory, where
+    ``models/...`` is the daemon's own copies. A restart then refused to start (the
+    configured file committed, after a rollback) or silently dropped the kept version."""
+    (tmp_path / "models").mkdir()
+    weights["A"].rename(tmp_path / "models" / "a.onnx")
+    weights["A"] = tmp_path / "models" / "a.onnx"
+
+    def start() -> Daemon:
+        return Daemon(tmp_path, {"m": Path("models/a.onnx")}, workers=1,
+                      extra=["--standby", "0"], cwd=tmp_path).wait_ready()
+
+    d = start()
+    try:
+        assert publish(d, weights["B"]).returncode == 0
+    finally:
+        assert d.stop() == 0
+    d = start()
+    try:
+        wait_until(lambda: kept_versions(d) == [1], 60, "kept v1 loaded again")
+        d.control("rollback", model="m")
+        assert_serves(d, 1, weights["A"])
+    finally:
+        assert d.stop() == 0
+    d = start()  # v1, the configured file, is the committed version now
+    try:
+        assert_serves(d, 1, weights["A"])
+    finally:
+        assert d.stop() == 0
+    assert d.segments() == []
+
+
 def published_and_stopped(tmp_path: Path, weights: dict[str, Path]) -> None:
     """A daemon that served A as v1, published B as v2 (keeping v1), and stopped cleanly."""
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"]).wait_ready()
@@ -694,13 +727,19 @@ def test_a_changed_file_never_serves_under_an_old_version_number(
     assert d.segments() == []
 
 
+@pytest.mark.parametrize("damage", ["bit-flip", "truncated"])
 def test_a_damaged_committed_copy_stops_the_start_with_the_fix(
-    tmp_path: Path, weights: dict[str, Path]
+    tmp_path: Path, weights: dict[str, Path], damage: str
 ) -> None:
+    """Either damage is named as such, with the way out (a truncated copy used to be only
+    "not an ONNX model")."""
     published_and_stopped(tmp_path, weights)
     copy = tmp_path / "state" / "models" / "m" / "v2.onnx"
     damaged = bytearray(copy.read_bytes())
-    damaged[-100] ^= 0x01
+    if damage == "bit-flip":
+        damaged[-100] ^= 0x01
+    else:
+        del damaged[len(damaged) // 2:]
     copy.write_bytes(bytes(damaged))
     d = Daemon(tmp_path, {"m": weights["A"]}, workers=1, extra=["--standby", "0"])
     assert d.wait_exit(60) == EXIT_STARTUP
