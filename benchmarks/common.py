@@ -263,9 +263,14 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
     over mappings of files under ``shm_prefix`` (the segments). Summed over every process, seg_pss
     is the number of distinct segment pages mapped by anyone, so (pss - seg_pss) summed plus the
     segment's allocated pages counts every page once. code_pss: PSS of the shared libraries whose
-    path contains ``code_marker`` (ONNX Runtime's code: the kernels a model runs are pages of it)."""
-    keys = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss"}
-    out = dict.fromkeys(("rss", "pss", "uss", "seg_rss", "seg_pss", "seg_uss", "code_pss"), 0)
+    path contains ``code_marker`` (ONNX Runtime's code: the kernels a model runs are pages of it).
+    seg_anon: anonymous pages inside segment mappings, i.e. copies made by writes to a private
+    mapping (ORT maps MAP_PRIVATE): private memory, though they sit in a segment's mapping.
+    code_uss / code_anon: the same two over ONNX Runtime's library mappings."""
+    keys = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss",
+            "Anonymous": "anon"}
+    out = dict.fromkeys(("rss", "pss", "uss", "anon", "seg_rss", "seg_pss", "seg_uss",
+                         "seg_anon", "code_rss", "code_pss", "code_uss", "code_anon"), 0)
     in_seg = in_code = False
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
@@ -276,8 +281,8 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
                 out[kind] += value
                 if in_seg:
                     out["seg_" + kind] += value
-                if in_code and kind == "pss":
-                    out["code_pss"] += value
+                if in_code:
+                    out["code_" + kind] += value
             elif not head.endswith(":"):  # a mapping's header line: address perms offset dev inode path
                 parts = line.split(None, 5)
                 path = parts[5].strip() if len(parts) == 6 else ""
