@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -101,7 +101,23 @@ def _infer_fields(
     # worker names what is wrong with it.
     inputs = {name: protocol.as_c_contiguous(np.asarray(v)) for name, v in input_feed.items()}
     outputs = list(output_names) if output_names is not None else None
+    _check_names("input", list(inputs))
+    _check_names("output", outputs or [])
     return {"model": model, "inputs": inputs, "outputs": outputs, "version": version}
+
+
+def _check_names(kind: str, names: Sequence[object]) -> None:
+    """Say which argument breaks the request limits (protocol.MAX_REQUEST_ITEMS and _STR)
+    before sending: the worker can only refuse the whole frame as unreadable msgpack."""
+    if len(names) > protocol.MAX_REQUEST_ITEMS:
+        raise errors.Malformed(f"{len(names)} {kind} names; a request carries at most "
+                               f"{protocol.MAX_REQUEST_ITEMS}")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{kind} names must be str, got {type(name).__name__} {name!r:.80}")
+        if len(name.encode("utf-8", "surrogatepass")) > protocol.MAX_REQUEST_STR:
+            raise errors.Malformed(f"{kind} name {name[:40]!r}... is over "
+                                   f"{protocol.MAX_REQUEST_STR} bytes")
 
 
 def _check_run_options(run_options: object) -> None:

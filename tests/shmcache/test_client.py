@@ -584,3 +584,21 @@ def test_async_not_ready_retried(sock_path: str) -> None:
         asyncio.run(main())
     finally:
         srv.kill()
+
+
+@pytest.mark.parametrize("outputs, feed, error, message", [
+    (["y"] * 1025, {"x": np.ones(1)}, errors.Malformed, "1025 output names; a request carries at most 1024"),
+    (None, {f"x{i}": np.ones(1) for i in range(1025)}, errors.Malformed, "1025 input names"),
+    (None, {"x" * 70000: np.ones(1)}, errors.Malformed, "input name 'xxx.* is over 65536 bytes"),
+    (None, {1: np.ones(1)}, TypeError, "input names must be str, got int 1"),
+    ([b"y"], {"x": np.ones(1)}, TypeError, "output names must be str, got bytes"),
+])
+def test_a_request_over_the_limits_is_refused_before_sending_naming_the_argument(
+    tmp_path: Path, outputs: list[object] | None, feed: dict[object, np.ndarray],
+    error: type[Exception], message: str,
+) -> None:
+    """The worker could only refuse the whole frame ("not a readable msgpack map") and hang
+    up; the client says which argument is wrong, without connecting (no daemon here)."""
+    with Client(str(tmp_path / "none.sock")) as client, \
+            pytest.raises(error, match=message):
+        client.run("m", outputs, feed)  # type: ignore[arg-type]
