@@ -762,3 +762,32 @@ def test_replies_say_how_long_the_model_ran(busy_worker: tuple[WorkerProcess, Pa
             return client.last_compute_seconds
 
     assert (asyncio.run(main()) or 0) > 0
+
+
+def test_acceptor_keeps_few_connections_even_and_lets_a_burst_through_in_batches() -> None:
+    """Up to 16 connections each, a worker one ahead of the least-connected other holds back
+    (3 clients spread 2 + 1); past that it may be ahead by 1/16 of what the others hold, so
+    that a burst of connections is not taken one per ACCEPT_STEP, turn by turn."""
+    import types
+    import uuid
+
+    from shmcache.state import ConnectionBoard
+    from worker.server import ACCEPT_STEP, Acceptor
+
+    board = ConnectionBoard.create(f"shmcache-test-board-{uuid.uuid4().hex[:8]}")
+    try:
+        held: set[object] = set()
+        acceptor = Acceptor(types.SimpleNamespace(connections=held), None, board, 0)  # type: ignore[arg-type]
+
+        def delay(mine: int, other: int) -> float:
+            held.clear()
+            held.update(range(mine))
+            board.post(1, other)
+            return acceptor.delay()
+
+        assert delay(1, 1) == 0 and delay(2, 1) == ACCEPT_STEP and delay(3, 1) == 2 * ACCEPT_STEP
+        assert delay(16, 15) == ACCEPT_STEP  # exact balance below 16 each
+        assert delay(17, 16) == 0 and delay(18, 16) == ACCEPT_STEP
+        assert delay(170, 160) == 0 and delay(171, 160) == ACCEPT_STEP
+    finally:
+        board.unlink()
