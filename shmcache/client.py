@@ -101,7 +101,7 @@ def _infer_fields(
     # worker names what is wrong with it.
     inputs = {name: protocol.as_c_contiguous(np.asarray(v)) for name, v in input_feed.items()}
     outputs = list(output_names) if output_names is not None else None
-    _check_names("input", list(inputs))
+    _check_names("input", list(input_feed))
     _check_names("output", outputs or [])
     return {"model": model, "inputs": inputs, "outputs": outputs, "version": version}
 
@@ -115,7 +115,10 @@ def _check_names(kind: str, names: Sequence[object]) -> None:
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"{kind} names must be str, got {type(name).__name__} {name!r:.80}")
-        if len(name.encode("utf-8", "surrogatepass")) > protocol.MAX_REQUEST_STR:
+        # Encoded only when it might be over (a UTF-8 character is at most 4 bytes): this
+        # runs on every call.
+        if (len(name) * 4 > protocol.MAX_REQUEST_STR
+                and len(name.encode("utf-8", "surrogatepass")) > protocol.MAX_REQUEST_STR):
             raise errors.Malformed(f"{kind} name {name[:40]!r}... is over "
                                    f"{protocol.MAX_REQUEST_STR} bytes")
 

@@ -53,7 +53,7 @@ from typing import Literal
 
 import onnx
 
-from shmcache.candidate import signature_of
+from shmcache.candidate import Signature, signature_of
 from shmcache.dtypes import numpy_dtype_for
 from shmcache.errors import ModelError
 from shmcache.model import model_digest as file_digest
@@ -242,7 +242,7 @@ def keep_served_inputs(graph_path: Path, model_path: Path) -> None:
     graph = optimized.graph
     constants = {t.name for t in graph.initializer} | {
         s.values.name for s in graph.sparse_initializer}
-    wanted = {sig.name for sig in original.inputs}
+    wanted = {v.name for v in original.inputs}
     dropped = [v for v in graph.input if v.name not in constants and v.name not in wanted]
     if dropped:
         read = {name for g in _graphs(graph) for node in g.node for name in node.input}
@@ -254,12 +254,14 @@ def keep_served_inputs(graph_path: Path, model_path: Path) -> None:
             graph.input.remove(v)
         graph_path.write_bytes(optimized.SerializeToString())
     served = signature_of(optimized)
-    if ([v.name for v in served.inputs] != [v.name for v in original.inputs]
-            or [v.name for v in served.outputs] != [v.name for v in original.outputs]):
-        raise ModelError(
-            f"{model_path}: ORT's optimized graph has inputs {[v.name for v in served.inputs]} "
-            f"and outputs {[v.name for v in served.outputs]}; the model has "
-            f"{[v.name for v in original.inputs]} and {[v.name for v in original.outputs]}")
+
+    def names(sig: Signature) -> tuple[list[str], list[str]]:
+        return [v.name for v in sig.inputs], [v.name for v in sig.outputs]
+
+    if names(served) != names(original):
+        (ins, outs), (want_ins, want_outs) = names(served), names(original)
+        raise ModelError(f"{model_path}: ORT's optimized graph has inputs {ins} and outputs "
+                         f"{outs}; the model has {want_ins} and {want_outs}")
 
 
 # --- reading and relocating external data -------------------------------------------------------

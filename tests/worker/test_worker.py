@@ -8,6 +8,8 @@ import socket
 import struct
 import threading
 import time
+import types
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +26,11 @@ from onnx import TensorProto
 from shmcache import errors, protocol
 from shmcache.errors import ModelError
 from shmcache.registry import segment_name
+from shmcache.state import ConnectionBoard
 from tests import models
 from tests.worker.harness import WorkerProcess, build_segment, running_worker
 from worker.runtime import SessionSettings
+from worker.server import ACCEPT_STEP, Acceptor
 
 RNG = np.random.default_rng(11)
 
@@ -768,12 +772,6 @@ def test_acceptor_keeps_few_connections_even_and_lets_a_burst_through_in_batches
     """Up to 16 connections each, a worker one ahead of the least-connected other holds back
     (3 clients spread 2 + 1); past that it may be ahead by 1/16 of what the others hold, so
     that a burst of connections is not taken one per ACCEPT_STEP, turn by turn."""
-    import types
-    import uuid
-
-    from shmcache.state import ConnectionBoard
-    from worker.server import ACCEPT_STEP, Acceptor
-
     board = ConnectionBoard.create(f"shmcache-test-board-{uuid.uuid4().hex[:8]}")
     try:
         held: set[object] = set()
