@@ -519,6 +519,12 @@ class Segment:
         one of them to check it (so is slow to create)."""
         return any(e.kind == KIND_BLOB for e in self.entries)
 
+    def kept_mapped(self) -> list[Entry]:
+        """The entries a pre-packed session keeps mapped while it serves: every blob, and
+        every tensor without one (ORT unmaps a tensor once it has adopted its blob)."""
+        packed = {e.parent for e in self.entries if e.kind == KIND_BLOB}
+        return [e for i, e in enumerate(self.entries) if e.kind == KIND_BLOB or i not in packed]
+
     def view(self, entry: Entry) -> np.ndarray:
         """A read-only numpy view of one entry's bytes, with no copy."""
         if entry.kind != KIND_TENSOR:

@@ -602,6 +602,8 @@ class Arbiter:
                     "--opt-level", self.cfg.optimization]
             if not self.cfg.prepack:
                 cmd.append("--no-save-prepacked")
+            elif self.cfg.huge_pages:
+                cmd.append("--huge-pages")
         proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, env=child_env())
         build = Build(model, path, name, version, proc, job=job)
         assert proc.stdout is not None
@@ -847,7 +849,7 @@ class Arbiter:
                 max_inflight=self.cfg.max_inflight, max_frame=self.cfg.max_frame,
                 graceful_timeout=self.cfg.graceful_timeout,
                 warmup_parallel=self.cfg.warmup_parallel, supervisor_pid=os.getppid(),
-                spin=self.cfg.spin, serving=serving)
+                spin=self.cfg.spin, serving=serving, huge_weights=self.cfg.huge_pages)
             assert self.listener is not None
             code = run_worker(config, self.listener, control)
         except BaseException:  # noqa: BLE001 - a worker must never return into the arbiter

@@ -65,6 +65,7 @@ from shmcache import errors, protocol
 from shmcache.arena import WorkerArena
 from shmcache.hugepages import transient_huge_pages
 from shmcache.state import ConnectionBoard, VersionTable
+from worker import aligned_maps
 from worker.heap import IdleHeapTrimmer
 from worker.runtime import ModelRuntime, SessionSettings
 from worker.stats import RequestStats
@@ -114,6 +115,7 @@ class WorkerConfig:
     supervisor_pid: int = 0
     spin: float = 0.00025  # seconds the loop stays hot after a request; 0 lets it sleep at once
     serving: bool = True  # False: a warm standby that accepts nothing until told "activate"
+    huge_weights: bool = False  # map the weights ORT keeps 2 MiB at a time (worker.aligned_maps)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -240,6 +242,8 @@ class Worker:
             runtime = ModelRuntime.open(segment, self.config.settings)
         log.debug("session for %s v%d created in %.3fs (huge pages: %s)", runtime.model,
                   runtime.version, time.perf_counter() - started, "on" if huge else "off")
+        if aligned_maps.installed():
+            self.map_weights_huge(runtime, segment)
         try:
             runtime.warm_up()
         except Exception as exc:
@@ -248,6 +252,16 @@ class Worker:
             # Some models need real data (e.g. indices in range); they still serve.
             log.warning("warm-up of %s failed on synthesized inputs: %s", runtime.model, exc)
         return runtime
+
+    def map_weights_huge(self, runtime: ModelRuntime, segment: str) -> None:
+        """2 MiB entries for ORT's mappings of the segment (shmcache.hugemap, step 3)."""
+        started = time.perf_counter()
+        with transient_huge_pages():  # MADV_COLLAPSE is refused while THP is off for us
+            done, possible = aligned_maps.collapse_mapped(segment)
+        runtime.huge_bytes = done
+        log.info("%s v%d: %.0f of %.0f MiB of the weights ONNX Runtime maps are on 2 MiB pages "
+                 "(%.3fs)", runtime.model, runtime.version, done / 2**20, possible / 2**20,
+                 time.perf_counter() - started)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -1077,6 +1091,10 @@ def run_worker(config: WorkerConfig, listener: socket.socket, control: socket.so
     for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    if config.huge_weights:  # before the first session: its mappings are the ones placed
+        why = aligned_maps.install()
+        if why is not None:
+            log.info("the weights stay on 4 KiB pages: %s", why)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(config, listener, control)
