@@ -96,6 +96,8 @@ def main() -> int:
                              + ", ".join(f"{m['name']} {m['size'] / 2**20:.1f} MiB"
                                          for m in status["models"])
                              + (" (FELL BACK to plain weights)" if fell_back else ""))
+                notes += [f"{mode}: worker {line.split(': ', 1)[1]}" for line in log.splitlines()
+                          if "mlp v" in line and "2 MiB pages" in line][:1]
                 clients[mode] = Client(d.sock, timeout=120.0)
             clients[INLINE] = Client(daemons["pre-packed"].sock, timeout=120.0,
                                      shared_memory=False)
