@@ -152,7 +152,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--huge-pages", dest="huge_pages",
                    action=argparse.BooleanOptionalAction, default=None,
                    help="huge pages for ONNX Runtime's transient re-packs while a publish "
-                        "prepares (re-executes the daemon once with GLIBC_TUNABLES; default on)")
+                        "prepares (re-executes the daemon once with GLIBC_TUNABLES), and 2 MiB "
+                        "mappings for the weights workers keep mapped (default on)")
     add_socket_arg(p)
 
 

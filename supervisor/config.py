@@ -85,7 +85,8 @@ class ServeConfig:
     metrics_address: str | None = None
     lock_memory: bool = False
     release_memory: bool = True  # idle workers return working memory to the OS (no ORT arena)
-    huge_pages: bool = True  # huge pages for a publish's transient re-packs (shmcache.hugepages)
+    huge_pages: bool = True  # a publish's transient re-packs (shmcache.hugepages) and the
+    # mapped weights (shmcache.hugemap) on huge pages
     spin: float = 0.00025  # seconds a worker stays on the CPU after a request (0: never)
     log_level: str = "info"
 
