@@ -59,6 +59,7 @@ def libc() -> Any:
                          ctypes.c_int, ctypes.c_long]
     lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    lib.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return lib
 
 
@@ -82,10 +83,10 @@ def map_congruent(length: int, prot: int, flags: int, fd: int, offset: int) -> i
         return MAP_FAILED
     target = reserved + (offset - reserved) % HUGE_PAGE
     got = sys_mmap(target, length, prot, flags | MAP_FIXED, fd, offset)
-    if got == MAP_FAILED:
-        libc().munmap(reserved, span)
-        return MAP_FAILED
     end = target + round_up(length, PAGE)
+    # Around the mapping (or the failed attempt) the reservation goes. After a failure the
+    # middle stays reserved: before 6.12 a failed MAP_FIXED may already have unmapped it, and
+    # another thread's mapping may sit there now. Address space only; nothing is committed.
     if target > reserved:
         libc().munmap(reserved, target - reserved)
     if reserved + span > end:

@@ -602,8 +602,8 @@ class Arbiter:
                     "--opt-level", self.cfg.optimization]
             if not self.cfg.prepack:
                 cmd.append("--no-save-prepacked")
-            elif self.cfg.huge_pages:
-                cmd.append("--huge-pages")
+        if self.cfg.huge_pages:
+            cmd.append("--huge-pages")
         proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, env=child_env())
         build = Build(model, path, name, version, proc, job=job)
         assert proc.stdout is not None

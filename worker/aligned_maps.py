@@ -21,20 +21,29 @@ What keeps the rewrite safe:
   is done);
 * the replacement returns exactly what mmap would, to the same caller, and on any exception
   calls mmap with the original arguments;
-* ORT calls it only while it creates a session, with the GIL released (measured: another
-  Python thread runs throughout a session's creation), so the callback taking the GIL waits at
-  most for the running thread's switch interval and cannot deadlock.
+* the slot's page gets back the permissions it had (read-only under full RELRO);
+* on any exception inside it, it fails the call (MAP_FAILED, ENOMEM) rather than return
+  garbage, and errno reaches ORT as mmap left it (the callback type uses errno);
+* ORT calls it while it creates a session, with the GIL released (measured: another Python
+  thread ran throughout a session's creation), so taking the GIL costs at most a switch
+  interval (5 ms) a call: a few calls for a model with a few large tensors, more for one with
+  thousands. The worker pauses the cyclic garbage collector while it creates a session
+  (``gc_paused``), so no finalizer (another session's, say) runs inside ORT's mmap.
 
-``install`` says why not when it cannot; the worker logs that once and serves on 4 KiB pages.
+``install`` says why not when it cannot, and never raises; the worker logs that once and
+serves on 4 KiB pages.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import gc
 import os
 import struct
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from shmcache import hugemap
@@ -48,87 +57,174 @@ SHT_RELA = 4
 SHT_DYNSYM = 11
 PROT_READ_WRITE = 3
 
+# use_errno: errno as the inner mmap left it reaches ORT (ctypes keeps a private copy).
 _MMAP_TYPE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_int, ctypes.c_long)
+                              ctypes.c_int, ctypes.c_int, ctypes.c_long, use_errno=True)
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "hook": the ctypes callback (kept alive), "shm_dev": /dev/shm's st_dev
 
 
 def congruent_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int,
                    offset: int) -> int:
-    """mmap, except that a mapping ORT makes of a segment lands where it can be mapped huge."""
+    """mmap, except that a mapping ORT makes of a segment lands where it can be mapped huge.
+    Never raises: a ctypes callback that raises returns whatever its return slot held."""
     try:
         if not addr and length >= hugemap.HUGE_PAGE and fd >= 0 \
-                and not flags & (hugemap.MAP_FIXED | hugemap.MAP_ANONYMOUS) \
-                and os.fstat(fd).st_dev == _state["shm_dev"]:
-            got = hugemap.map_congruent(length, prot, flags, fd, offset)
-            if got != hugemap.MAP_FAILED:
-                return got
-    except BaseException:  # noqa: BLE001 - never let a placement problem fail ORT's mmap
-        pass
-    return hugemap.sys_mmap(addr, length, prot, flags, fd, offset)
+                and not flags & (hugemap.MAP_FIXED | hugemap.MAP_ANONYMOUS):
+            try:
+                if os.fstat(fd).st_dev == _state.get("shm_dev"):
+                    got = hugemap.map_congruent(length, prot, flags, fd, offset)
+                    if got != hugemap.MAP_FAILED:
+                        return got
+            except Exception:  # noqa: BLE001 - not placed, then: mapped as asked
+                pass
+        return hugemap.sys_mmap(addr, length, prot, flags, fd, offset)
+    except BaseException:  # noqa: BLE001 - fail this one call, cleanly
+        ctypes.set_errno(errno.ENOMEM)
+        return hugemap.MAP_FAILED
 
 
 def install() -> str | None:
     """Route ORT's mmap calls through ``congruent_mmap``; None when done (now or before),
-    else why it could not be."""
+    else why it could not be. Never raises."""
     with _lock:
         if "hook" in _state:
             return None
         try:
-            slots, path = _mmap_slots()
-        except (OSError, ValueError, struct.error, ImportError) as exc:
-            return f"cannot read ONNX Runtime's library: {exc}"
-        if not slots:
-            return f"no call to mmap found to redirect in {os.path.basename(path)}"
-        _state["shm_dev"] = os.stat(SHM_DIR).st_dev
-        hook = _MMAP_TYPE(congruent_mmap)
-        address = ctypes.cast(hook, ctypes.c_void_p).value
-        for slot in slots:
-            if not _store_pointer(slot, address):
-                return f"cannot write ONNX Runtime's GOT (errno {ctypes.get_errno()})"
-        _state["hook"] = hook
-        return None
+            return _install()
+        except Exception as exc:  # noqa: BLE001 - a worker serves on 4 KiB pages instead
+            return f"{type(exc).__name__}: {exc}"
+
+
+def _install() -> str | None:
+    slots, path = _mmap_slots()
+    if not slots:
+        return f"no pointer to libc's mmap found in {os.path.basename(path)}"
+    _state["shm_dev"] = os.stat(SHM_DIR).st_dev
+    hook = _MMAP_TYPE(congruent_mmap)
+    _state["hook"] = hook  # alive for good before any slot points at it
+    address = ctypes.cast(hook, ctypes.c_void_p).value
+    real = ctypes.cast(hugemap.libc().mmap, ctypes.c_void_p).value
+    written: list[int] = []
+    for slot in slots:
+        if not _store_pointer(slot, address):
+            why = f"cannot write ONNX Runtime's GOT (errno {ctypes.get_errno()})"
+            for done in written:  # back to libc's mmap: all or nothing
+                _store_pointer(done, real)
+            del _state["hook"]  # nothing points at it any more
+            return why
+        written.append(slot)
+    return None
 
 
 def installed() -> bool:
     return "hook" in _state
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No automatic cyclic collection inside the block (nested and concurrent blocks share
+    one pause): a collection inside ORT's mmap callback could run the finalizer of another
+    session while this one is being initialized."""
+    with _lock:
+        _state["gc_holders"] = _state.get("gc_holders", 0) + 1
+        if _state["gc_holders"] == 1:
+            _state["gc_was_enabled"] = gc.isenabled()
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["gc_holders"] -= 1
+            if _state["gc_holders"] == 0 and _state.pop("gc_was_enabled", True):
+                gc.enable()
+
+
 def _mmap_slots() -> tuple[list[int], str]:
-    """Addresses of the loaded ORT library's pointers to libc's mmap, and the library's path."""
+    """Addresses of the loaded ORT library's pointers to libc's mmap, and the library's path.
+    Only addresses inside the library's own mappings are read."""
     import onnxruntime.capi.onnxruntime_pybind11_state as binding
 
     path = os.path.realpath(binding.__file__)
-    base = _load_base(path)
-    if base is None:
-        raise ValueError(f"{path} is not mapped in this process")
+    mapped = _mappings_of_file(path)
+    first_load = first_load_vaddr(path)
+    start0 = next((start for start, _, offset, _ in mapped if offset == 0), None)
+    if start0 is None or first_load is None:
+        raise ValueError(f"{path} is not mapped in this process, or not an ELF we read")
+    base = start0 - first_load // hugemap.PAGE * hugemap.PAGE
     real = ctypes.cast(hugemap.libc().mmap, ctypes.c_void_p).value
-    slots = [base + offset for offset in relocation_offsets(path, MMAP_SYMBOLS)]
-    return [s for s in slots if ctypes.c_void_p.from_address(s).value == real], path
+    slots = []
+    for offset in relocation_offsets(path, MMAP_SYMBOLS):
+        slot = base + offset
+        if any(start <= slot and slot + 8 <= end for start, end, _, _ in mapped) \
+                and ctypes.c_void_p.from_address(slot).value == real:
+            slots.append(slot)
+    return slots, path
 
 
-def _load_base(path: str) -> int | None:
-    """Where the library's file offset 0 is mapped (its load bias: shared objects link at 0)."""
+def _mappings_of_file(path: str) -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, permissions) of every mapping of ``path`` here."""
+    out = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(None, 5)
-            if len(fields) == 6 and int(fields[2], 16) == 0 \
-                    and os.path.realpath(fields[5].strip()) == path:
-                return int(fields[0].split("-")[0], 16)
+            if len(fields) == 6 and os.path.realpath(fields[5].strip()) == path:
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                out.append((start, end, int(fields[2], 16), fields[1]))
+    return out
+
+
+def _page_protection(page: int) -> int | None:
+    """PROT_* of the mapping holding ``page``, from /proc/self/maps."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(None, 5)
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            if start <= page < end:
+                perms = fields[1]
+                return (hugemap.PROT_READ if perms[0] == "r" else 0) \
+                    | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
     return None
 
 
 def _store_pointer(slot: int, value: int | None) -> bool:
-    """Write a pointer into a page RELRO made read-only, and make it read-only again."""
+    """Write a pointer into a page that RELRO may have made read-only, and give the page back
+    the permissions it had."""
     page = slot // hugemap.PAGE * hugemap.PAGE
+    had = _page_protection(page)
+    if had is None:
+        return False
     mprotect = hugemap.libc().mprotect
-    mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if mprotect(page, hugemap.PAGE, PROT_READ_WRITE) != 0:
+    if had != had | PROT_READ_WRITE and mprotect(page, hugemap.PAGE, had | PROT_READ_WRITE) != 0:
         return False
     ctypes.c_void_p.from_address(slot).value = value
-    mprotect(page, hugemap.PAGE, hugemap.PROT_READ)
+    if had != had | PROT_READ_WRITE:
+        mprotect(page, hugemap.PAGE, had)
     return True
+
+
+def first_load_vaddr(path: str) -> int | None:
+    """p_vaddr of the PT_LOAD segment at file offset 0 of a 64-bit little-endian ELF (a shared
+    object's load bias is where that segment is mapped minus this). Program headers: e_phoff
+    at 32, e_phentsize / e_phnum at 54; each p_type (4), p_flags (4), p_offset, p_vaddr..."""
+    try:
+        with open(path, "rb") as f:
+            ident = f.read(64)
+            if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
+                return None
+            (phoff,) = struct.unpack_from("<Q", ident, 32)
+            phentsize, phnum = struct.unpack_from("<HH", ident, 54)
+            if phentsize < 56 or phnum > 4096:
+                return None
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(len(table) // phentsize):
+                p_type, _, p_offset, p_vaddr = struct.unpack_from("<IIQQ", table, i * phentsize)
+                if p_type == 1 and p_offset == 0:  # PT_LOAD
+                    return int(p_vaddr)
+    except (OSError, ValueError, OverflowError, struct.error):
+        return None
+    return None
 
 
 def relocation_offsets(path: str, symbols: frozenset[str]) -> list[int]:
@@ -137,19 +233,31 @@ def relocation_offsets(path: str, symbols: frozenset[str]) -> list[int]:
     e_machine at 18, e_shoff at 40, e_shentsize / e_shnum at 58; section headers of 64 bytes
     (type at 4, offset at 24, size at 32, link at 40); Elf64_Rela of 24 bytes (offset, info
     = symbol << 32 | type, addend); Elf64_Sym of 24 bytes (st_name first)."""
+    try:
+        return _relocation_offsets(path, symbols)
+    except (OSError, ValueError, OverflowError, MemoryError, IndexError, struct.error):
+        return []  # not an ELF we can read: nothing to redirect
+
+
+def _relocation_offsets(path: str, symbols: frozenset[str]) -> list[int]:
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         ident = f.read(64)
-        if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:  # 64-bit little-endian
-            return []
+        if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
+            return []  # not 64-bit little-endian
         if struct.unpack_from("<H", ident, 18)[0] != EM_X86_64:
             return []
         (shoff,) = struct.unpack_from("<Q", ident, 40)
         shentsize, shnum = struct.unpack_from("<HH", ident, 58)
+        if shentsize < 64 or shoff + shentsize * shnum > size:
+            return []
         f.seek(shoff)
         table = f.read(shentsize * shnum)
         sections = [struct.unpack_from("<IIQQQQIIQQ", table, i * shentsize) for i in range(shnum)]
 
         def read(section: tuple[int, ...]) -> bytes:
+            if section[4] + section[5] > size:
+                raise ValueError("section beyond the end of the file")
             f.seek(section[4])
             return f.read(section[5])
 
@@ -185,10 +293,14 @@ def _symbol_name(syms: bytes, names: bytes, index: int) -> str:
 
 def collapse_mapped(segment: str) -> tuple[int, int]:
     """Map this process's mappings of ``segment`` 2 MiB at a time where they are congruent
-    (shmcache.hugemap step 3): (bytes now mapped huge, bytes that could have been)."""
+    (shmcache.hugemap step 3): (bytes now mapped huge, bytes of mappings of 2 MiB or more,
+    congruent or not: a mapping the redirect did not place shows as missed)."""
     done = possible = 0
     for start, end, offset in _mappings_of(os.path.join(SHM_DIR, segment)):
-        if (start - offset) % hugemap.HUGE_PAGE:
+        if end - start < hugemap.HUGE_PAGE:
+            continue
+        if (start - offset) % hugemap.HUGE_PAGE:  # not placed (a bypassed call): counted, missed
+            possible += (end - start) // hugemap.HUGE_PAGE * hugemap.HUGE_PAGE
             continue
         a, b = hugemap.whole_huge_pages(start, end)
         if b > a:

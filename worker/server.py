@@ -231,6 +231,11 @@ class Worker:
 
         await asyncio.gather(*(open_one(m, s) for m, segs in self.config.models.items()
                                for s in segs))
+        if aligned_maps.installed():
+            # After every session exists, in one window: THP on while another model's session
+            # is created would put its heap on huge pages (see shmcache.hugepages, step 3).
+            await loop.run_in_executor(None, self.map_all_weights_huge,
+                                       [r for v in self.runtimes.values() for r in v.values()])
         await fault_delay("SHMCACHE_FAULT_BOOT_DELAY")  # a model slower than boot_timeout
 
     def _open_and_warm(self, segment: str, strict: bool = False,
@@ -238,12 +243,12 @@ class Worker:
         started = time.perf_counter()
         # A publish: only the re-packs fault in (see shmcache.hugepages). Not at boot.
         window = transient_huge_pages() if huge_pages else contextlib.nullcontext(False)
-        with window as huge:
+        with window as huge, aligned_maps.gc_paused():
             runtime = ModelRuntime.open(segment, self.config.settings)
+            if huge_pages:  # a publish: inside its window (at boot, boot() does it after)
+                self.map_weights_huge(runtime)
         log.debug("session for %s v%d created in %.3fs (huge pages: %s)", runtime.model,
                   runtime.version, time.perf_counter() - started, "on" if huge else "off")
-        if aligned_maps.installed():
-            self.map_weights_huge(runtime, segment)
         try:
             runtime.warm_up()
         except Exception as exc:
@@ -253,11 +258,18 @@ class Worker:
             log.warning("warm-up of %s failed on synthesized inputs: %s", runtime.model, exc)
         return runtime
 
-    def map_weights_huge(self, runtime: ModelRuntime, segment: str) -> None:
-        """2 MiB entries for ORT's mappings of the segment (shmcache.hugemap, step 3)."""
-        started = time.perf_counter()
+    def map_all_weights_huge(self, runtimes: list[ModelRuntime]) -> None:
         with transient_huge_pages():  # MADV_COLLAPSE is refused while THP is off for us
-            done, possible = aligned_maps.collapse_mapped(segment)
+            for runtime in runtimes:
+                self.map_weights_huge(runtime)
+
+    def map_weights_huge(self, runtime: ModelRuntime) -> None:
+        """2 MiB entries for ORT's mappings of the segment (shmcache.hugemap, step 3); the
+        caller holds a transient_huge_pages() window."""
+        if not aligned_maps.installed():
+            return
+        started = time.perf_counter()
+        done, possible = aligned_maps.collapse_mapped(runtime.segment.name)
         runtime.huge_bytes = done
         log.info("%s v%d: %.0f of %.0f MiB of the weights ONNX Runtime maps are on 2 MiB pages "
                  "(%.3fs)", runtime.model, runtime.version, done / 2**20, possible / 2**20,

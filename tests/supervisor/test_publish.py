@@ -904,7 +904,10 @@ def test_inference_yields_to_a_prepare_and_fresh_threads_serve_after_it(
                extra=["--standby", "0", "--threads", "1"],
                env={"SHMCACHE_FAULT_PREPARE_DELAY": "3"}).wait_ready()
     try:
-        x = np.ones((1, 64), np.float32)
+        # Big enough to run on the inference thread: a one-row call of this model runs in
+        # microseconds, so the worker runs it on its loop thread (worker.server.INLINE_BELOW)
+        # and, on a fast host, never starts the inference thread this test watches.
+        x = np.ones((4096, 64), np.float32)
         assert call(d, x)[1] == 1  # the inference thread exists
         (pid,) = d.worker_pids()
         before = thread_nice_values(pid)
