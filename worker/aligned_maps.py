@@ -32,6 +32,18 @@ What keeps the rewrite safe:
 
 ``install`` says why not when it cannot, and never raises; the worker logs that once and
 serves on 4 KiB pages.
+
+What is read of the library file (ELF-64, little-endian, x86-64; offsets in bytes)::
+
+    file header   0 magic "\x7fELF", 4 class (2 = 64-bit), 5 data (1 = little-endian),
+                  18 e_machine u16 (62 = x86-64), 32 e_phoff u64, 40 e_shoff u64,
+                  54 e_phentsize u16, 56 e_phnum u16, 58 e_shentsize u16, 60 e_shnum u16
+    program hdr   0 p_type u32 (1 = PT_LOAD), 8 p_offset u64, 16 p_vaddr u64
+    section hdr   4 sh_type u32 (4 = RELA, 11 = DYNSYM), 24 sh_offset u64, 32 sh_size u64,
+                  40 sh_link u32 (RELA -> its symbol table, DYNSYM -> its string table)
+    Elf64_Rela    0 r_offset u64 (the slot, from the load bias), 8 r_info u64
+                  (symbol index << 32 | type: 6 = GLOB_DAT, 7 = JUMP_SLOT), 16 r_addend
+    Elf64_Sym     0 st_name u32 (into the string table), 24 bytes each
 """
 
 from __future__ import annotations
