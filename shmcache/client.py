@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -74,6 +74,9 @@ class ModelInfo:
     version: int
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
+    # Initializers a call may feed in place of the stored value (optional inputs), as
+    # onnxruntime's get_overridable_initializers(); empty from a daemon that does not say.
+    overridable: list[TensorInfo] = field(default_factory=list)
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> ModelInfo:
@@ -82,7 +85,8 @@ class ModelInfo:
                                None if t["shape"] is None else list(t["shape"])) for t in items]
 
         try:
-            return cls(obj["name"], obj["version"], tensors(obj["inputs"]), tensors(obj["outputs"]))
+            return cls(obj["name"], obj["version"], tensors(obj["inputs"]), tensors(obj["outputs"]),
+                       tensors(obj.get("overridable") or []))
         except (KeyError, TypeError) as exc:
             raise errors.Malformed(f"bad model description: {exc!r}") from exc
 
@@ -153,7 +157,8 @@ def _same_dtypes(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def _declared_input_dtypes(models: list[ModelInfo]) -> dict[str, dict[str, np.dtype[Any]]]:
     """model -> input -> declared dtype, for the inputs whose type the wire can carry."""
-    return {m.name: {t.name: np.dtype(t.dtype) for t in m.inputs if t.dtype in protocol.ALLOWED_DTYPES}
+    return {m.name: {t.name: np.dtype(t.dtype) for t in m.inputs + m.overridable
+                     if t.dtype in protocol.ALLOWED_DTYPES}
             for m in models}
 
 

@@ -73,8 +73,9 @@ op / case  extra keys
 infer      ``version`` int (weights that computed it), ``outputs`` [[name, T], ...] in
            the order asked, ``compute`` float (optional): seconds the model ran in the
            worker, without queueing or transport
-models     ``models`` [{name, version, inputs: [{name, dtype, shape}], outputs: [...]}]
-           (dynamic dims are str or nil; shape nil: declared without one, any rank)
+models     ``models`` [{name, version, inputs: [{name, dtype, shape}], outputs: [...],
+           overridable: [...]}] (dynamic dims are str or nil; shape nil: declared without
+           one, any rank; overridable: initializers a call may feed, optional inputs)
 ping       ``ready`` bool, ``pid`` int, optional extra info keys
 other ops  op-specific keys (see ``ok_result``)
 error      ``ok`` false, ``error`` {code: str, message: str}; code is a key of

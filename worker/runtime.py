@@ -181,6 +181,9 @@ class ModelRuntime:
             "version": self.version,
             "inputs": [s.to_wire() for s in self.inputs],
             "outputs": [s.to_wire() for s in self.outputs],
+            # Initializers a call may feed instead (ORT's get_overridable_initializers): a
+            # client types a list fed for one by this, as it does for the inputs.
+            "overridable": [s.to_wire() for s in self.overridable],
         }
 
     def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None:

@@ -45,6 +45,17 @@ def arena_maps(pid: int) -> int:
         return sum("memfd:shmcache-arena" in line for line in f)
 
 
+def settled_arena_maps(pid: int) -> int:
+    """The worker's arena mappings once an earlier test's connections are gone (it unmaps
+    their arenas on its own loop, a moment after the client closed)."""
+    counts = [arena_maps(pid)]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (len(counts) < 3 or len(set(counts[-3:])) > 1):
+        time.sleep(0.05)
+        counts.append(arena_maps(pid))
+    return counts[-1]
+
+
 def open_fds(pid: int) -> int:
     """The worker's open fds once it has closed the connections of earlier calls (it closes
     them on its own loop, a moment after the client did)."""
@@ -61,7 +72,7 @@ def test_large_calls_go_through_the_arena_and_answer_bit_for_bit(
     w, paths = worker
     ref = reference(paths["mlp"])
     feed = {"x": RNG.standard_normal((512, 512)).astype(np.float32)}  # 1 MiB in, 256 KiB out
-    before = arena_maps(w.proc.pid)
+    before = settled_arena_maps(w.proc.pid)
     with shmcache.Client(str(w.socket_path)) as shm, \
             shmcache.Client(str(w.socket_path), shared_memory=False) as inline:
         got = shm.run("mlp", None, feed)[0]
@@ -77,7 +88,7 @@ def test_large_calls_go_through_the_arena_and_answer_bit_for_bit(
 def test_small_calls_stay_inline(worker: tuple[WorkerProcess, dict[str, Path]]) -> None:
     w, paths = worker
     ref = reference(paths["mlp"])
-    before = arena_maps(w.proc.pid)
+    before = settled_arena_maps(w.proc.pid)
     feed = {"x": RNG.standard_normal((4, 512)).astype(np.float32)}
     assert feed["x"].nbytes * 2 < MIN_BYTES
     with shmcache.Client(str(w.socket_path)) as client:

@@ -135,6 +135,25 @@ def test_models_lists_signatures(fidelity_worker: tuple[WorkerProcess, dict[str,
     assert [t.dtype for t in multi.outputs] == ["float32", "int64", "float16"]
     # declared without a shape: any rank (ORT lists [] for it, as for a scalar)
     assert [(t.name, t.shape) for t in listed["unranked"].inputs] == [("x", None)]
+    # an initializer a call may feed: listed apart, as onnxruntime lists it
+    over = listed["overridable"]
+    assert [t.name for t in over.inputs] == ["x"]
+    assert [(t.name, t.dtype, t.shape) for t in over.overridable] == [("scale", "float32", [4])]
+    assert multi.overridable == []
+
+
+def test_a_list_fed_for_an_overridable_initializer_takes_its_dtype(
+        fidelity_worker: tuple[WorkerProcess, dict[str, Path]]) -> None:
+    """As onnxruntime converts it: a list of Python floats for ``scale`` is float32, not the
+    float64 numpy makes of it (which the worker refuses as bad_dtype)."""
+    worker, paths = fidelity_worker
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    scale = [0.5, -1.0, 2.0, 0.25]
+    with shmcache.Client(str(worker.socket_path)) as client:
+        (got,) = client.run("overridable", None, {"x": x, "scale": scale})
+    session = ort.InferenceSession(str(paths["overridable"]), providers=["CPUExecutionProvider"])
+    (want,) = session.run(None, {"x": x, "scale": np.array(scale, np.float32)})
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_string_tensors_get_errors_that_name_them(tmp_path: Path) -> None:
