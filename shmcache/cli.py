@@ -121,6 +121,8 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("max_inflight", int, "requests a worker holds at once before answering overloaded (64)"),
     ("max_frame", int, "largest request or response frame in bytes (272 MiB)"),
     ("graceful_timeout", float, "seconds a stopping worker gets to answer what it read (30)"),
+    ("stall_timeout", float, "seconds a client may stop sending in the middle of a request "
+                             "before its connection is closed (30)"),
     ("boot_timeout", float, "seconds a worker (or a publish) gets to load and warm up (600)"),
     ("max_boot_failures", int, "boot failures in a row that stop the daemon (5)"),
     ("heartbeat_timeout", float, "seconds of worker silence before it is killed (10)"),

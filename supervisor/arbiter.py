@@ -847,7 +847,7 @@ class Arbiter:
                     memory_arena=not self.cfg.release_memory,
                     allow_spinning=spinning_pays(self.target, self.cfg.intra_threads())),
                 max_inflight=self.cfg.max_inflight, max_frame=self.cfg.max_frame,
-                graceful_timeout=self.cfg.graceful_timeout,
+                graceful_timeout=self.cfg.graceful_timeout, stall_timeout=self.cfg.stall_timeout,
                 warmup_parallel=self.cfg.warmup_parallel, supervisor_pid=os.getppid(),
                 spin=self.cfg.spin, serving=serving, huge_weights=self.cfg.huge_pages)
             assert self.listener is not None

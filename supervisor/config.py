@@ -68,6 +68,7 @@ class ServeConfig:
     max_inflight: int = 64
     max_frame: int = DEFAULT_MAX_FRAME
     graceful_timeout: float = 30.0
+    stall_timeout: float = 30.0  # seconds a client may leave a frame half-sent (worker.server)
     boot_timeout: float = 600.0
     # A hung worker's clients get a connection error, which they retry on another worker,
     # within their own default timeout (30 s) rather than a Timeout at it. Session creation
@@ -118,6 +119,7 @@ class ServeConfig:
             ("max_inflight", self.max_inflight >= 1, "must be >= 1"),
             ("max_frame", 1024 <= self.max_frame <= 2**32 - 1, "must be 1 KiB .. 4 GiB"),
             ("graceful_timeout", seconds(self.graceful_timeout, 0.1, 3600), "must be 0.1 .. 3600 s"),
+            ("stall_timeout", seconds(self.stall_timeout, 0.1, 3600), "must be 0.1 .. 3600 s"),
             ("boot_timeout", seconds(self.boot_timeout, 1, 86400), "must be 1 .. 86400 s"),
             # >= 3 heartbeats (one a second): fewer killed healthy workers in a loop
             ("heartbeat_timeout", seconds(self.heartbeat_timeout, 3, 3600), "must be 3 .. 3600 s"),

@@ -111,6 +111,7 @@ class WorkerConfig:
     concurrency: int = 1  # sessions run at once; each already uses intra_op_threads
     max_frame: int = protocol.DEFAULT_MAX_FRAME
     graceful_timeout: float = 30.0
+    stall_timeout: float = 30.0  # seconds a client may leave a frame half-sent (check_stall)
     warmup_parallel: int = 2
     supervisor_pid: int = 0
     spin: float = 0.00025  # seconds the loop stays hot after a request; 0 lets it sleep at once
@@ -793,6 +794,8 @@ class ClientConnection(FramedConnection):
         self.reading = True
         # Half the worker's in-flight limit: the other half stays for everyone else.
         self.per_connection = max(1, worker.config.max_inflight // 2)
+        self.last_progress = 0.0  # loop time of the last bytes read (or of reading resumed)
+        self.stall_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -801,7 +804,39 @@ class ClientConnection(FramedConnection):
         if self.worker.stopping.is_set():  # accepted just before the stop: nothing read yet
             self.finish()
 
+    def data_received(self, data: bytes) -> None:
+        self.last_progress = asyncio.get_running_loop().time()
+        super().data_received(data)
+        if self.stall_timer is None and self.decoder.pending() and self.transport is not None:
+            self.stall_timer = asyncio.get_running_loop().call_later(
+                self.worker.config.stall_timeout, self.check_stall)
+
+    def check_stall(self) -> None:
+        """A frame half-sent and then nothing for stall_timeout seconds while we read: close.
+        The partial frame holds up to max_frame bytes of this worker's memory, and the client
+        is gone or stuck; one that is merely slow keeps sending, and time we spend not
+        reading it (back-pressure, an arena hand-off) is not counted against it."""
+        self.stall_timer = None
+        if self.transport is None or self.transport.is_closing() or not self.decoder.pending():
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self.last_progress if self.reading else 0.0
+        left = self.worker.config.stall_timeout - idle
+        if left > 0:
+            self.stall_timer = loop.call_later(left, self.check_stall)
+            return
+        pending = self.decoder.pending()
+        log.warning("closing a connection that sent %d bytes of a frame and then nothing for "
+                    "%.0fs", pending, idle)
+        self.send(protocol.error_reply(None, errors.Malformed(
+            f"request incomplete: {pending} bytes of a frame, then nothing for "
+            f"{self.worker.config.stall_timeout:g}s; the connection is closed")))
+        self.close_now()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
         self.worker.connections.discard(self)
         self.worker.acceptor.post()
         self.transport = None
@@ -825,6 +860,7 @@ class ClientConnection(FramedConnection):
         if want != self.reading:
             self.reading = want
             if want:
+                self.last_progress = asyncio.get_running_loop().time()  # its stall starts now
                 self.transport.resume_reading()
             else:
                 self.transport.pause_reading()

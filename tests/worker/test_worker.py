@@ -282,6 +282,35 @@ def test_unsupported_op_keeps_connection(fidelity_worker: tuple[WorkerProcess, d
         assert reply is not None and reply["ok"] and reply["id"] == 6
 
 
+def test_a_half_sent_request_is_given_up_after_the_stall_timeout(tmp_path: Path) -> None:
+    """A client that stops in the middle of a frame loses its connection after stall_timeout
+    (the partial frame held worker memory for nothing); one that is slow but keeps sending is
+    answered, and nobody else notices."""
+    path = models.save(models.echo(), tmp_path / "echo.onnx")
+    x = np.arange(60_000, dtype=np.float32)  # 240 KB inline: a frame the worker reads in parts
+    frame = protocol.encode_frame(protocol.make_request(
+        1, "infer", model="echo", inputs={"x": x}))
+    step = len(frame) // 8 + 1
+    with running_worker(tmp_path, {"echo": path}, stall_timeout=0.5) as worker:
+        with raw_connect(worker.socket_path) as slow:  # 1.6 s in all, never 0.5 s idle
+            for at in range(0, len(frame), step):
+                slow.sendall(frame[at:at + step])
+                time.sleep(0.2)
+            reply = read_reply(slow)
+            assert reply is not None and reply["ok"] and reply["id"] == 1
+        with raw_connect(worker.socket_path) as stalled:
+            stalled.sendall(frame[:len(frame) // 2])
+            started = time.monotonic()
+            reply = read_reply(stalled)
+            waited = time.monotonic() - started
+            assert reply is not None and reply["id"] is None
+            assert reply["error"]["code"] == "malformed" and "incomplete" in reply["error"]["message"]
+            assert 0.4 <= waited < 5
+            assert stalled.recv(1) == b""  # closed
+        with shmcache.Client(str(worker.socket_path)) as client:
+            assert np.array_equal(client.run("echo", None, {"x": x})[0], x)
+
+
 @pytest.mark.parametrize("shape", [[2**40, 2**40, 0], [2**63, 0, 48], [0, 2**64 - 1, 48]])
 def test_hostile_empty_shape_is_answered_on_its_id(
     fidelity_worker: tuple[WorkerProcess, dict[str, Path]], shape: list[int]
