@@ -32,11 +32,11 @@ refuses (older than 6.1, THP compiled out, ``shmem_enabled`` = ``deny``) everyth
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 import os
 from collections.abc import Iterable
-from typing import Any
+
+from shmcache.libc import MAP_FAILED, libc, sys_mmap
 
 HUGE_PAGE = 2 * 1024 * 1024  # x86-64 and arm64 (4 KiB base pages) PMD size
 PAGE = mmap.PAGESIZE
@@ -48,27 +48,6 @@ MAP_PRIVATE = 0x02
 MAP_FIXED = 0x10
 MAP_ANONYMOUS = 0x20
 MAP_NORESERVE = 0x4000
-MAP_FAILED = 2**64 - 1  # (void *) -1 as ctypes returns it for c_void_p
-
-
-@functools.cache
-def libc() -> Any:
-    lib = ctypes.CDLL(None, use_errno=True)
-    lib.mmap.restype = ctypes.c_void_p
-    lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                         ctypes.c_int, ctypes.c_long]
-    lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    lib.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return lib
-
-
-def sys_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
-    """mmap(2) itself: the address, or MAP_FAILED."""
-    got = libc().mmap(addr, length, prot, flags, fd, offset)
-    return MAP_FAILED if got is None else int(got)
-
-
 def round_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
@@ -127,11 +106,9 @@ def collapse_file(path: str, ranges: Iterable[tuple[int, int]]) -> int:
             return 0
         try:
             done = 0
-            for offset, length in ranges:
+            for offset, length in ranges:  # base is a multiple of HUGE_PAGE
                 start, end = max(0, offset), min(size, offset + length)
-                a, b = whole_huge_pages(start, end)
-                if b > a:
-                    done += collapse_range(base + a, b - a)
+                done += collapse_range(base + start, max(0, end - start))
             return done
         finally:
             libc().munmap(base, size)

@@ -32,14 +32,13 @@ same per-worker memory with huge pages as without (Conv 1.3-1.4% of the model pe
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+
+from shmcache.libc import libc
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 TUNABLES_ENV = "GLIBC_TUNABLES"
@@ -91,15 +90,10 @@ def reexec_with_tunable() -> None:
         return
     # Off before the exec, not after: the flag survives execve, and the new interpreter's
     # first heap pages must not be huge (they would be, being advised and faulted at start).
-    _libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
-
-
-@functools.cache
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def keep_small_pages() -> bool:
@@ -108,12 +102,12 @@ def keep_small_pages() -> bool:
     after reexec_with_tunable(); needed when the tunable came with the environment."""
     if not has_tunable(os.environ) or thp_mode() != "madvise":
         return False
-    return _libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
+    return libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
 
 
 def small_pages_kept() -> bool:
     """True in a process (or a child of one) where keep_small_pages() took effect."""
-    return has_tunable(os.environ) and _libc().prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1
+    return has_tunable(os.environ) and libc().prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1
 
 
 _lock = threading.Lock()
@@ -133,7 +127,7 @@ def transient_huge_pages() -> Iterator[bool]:
         if _active:
             _holders += 1
             if _holders == 1:
-                _libc().prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0)
+                libc().prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0)
     try:
         yield _active
     finally:
@@ -141,4 +135,4 @@ def transient_huge_pages() -> Iterator[bool]:
             with _lock:
                 _holders -= 1
                 if _holders == 0:
-                    _libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+                    libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)

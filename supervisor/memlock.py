@@ -17,7 +17,6 @@ error says what to change: ``LimitMEMLOCK=`` in the systemd unit, or ``ulimit -l
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -25,17 +24,10 @@ import resource
 from pathlib import Path
 
 from shmcache.errors import ShmcacheError
+from shmcache.libc import MAP_FAILED, libc, sys_mmap
 
 SHM_DIR = Path("/dev/shm")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class MemoryLockError(ShmcacheError):
@@ -59,8 +51,8 @@ class LockedSegment:
         if not self.address:
             return
         address, self.address = self.address, 0
-        _libc.munlock(address, self.size)
-        _libc.munmap(address, self.size)
+        libc().munlock(address, self.size)
+        libc().munmap(address, self.size)
 
     def __enter__(self) -> LockedSegment:
         return self
@@ -105,13 +97,13 @@ def _lock_fd(fd: int, name: str, size: int | None) -> LockedSegment:
         raise MemoryLockError(f"cannot lock {size} bytes of {name}: it holds {actual} bytes")
     if size == 0:
         return LockedSegment(name, 0, 0)  # nothing to keep; mmap refuses a length of 0
-    address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    if address is None or address == MAP_FAILED:
+    address = sys_mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address == MAP_FAILED:
         err = ctypes.get_errno()
         raise MemoryLockError(f"cannot map {name} to lock it in RAM: {os.strerror(err)}")
-    if _libc.mlock(address, size) != 0:
+    if libc().mlock(address, size) != 0:
         err = ctypes.get_errno()
-        _libc.munmap(address, size)
+        libc().munmap(address, size)
         raise MemoryLockError(explain_failure(name, size, err))
     return LockedSegment(name, address, size)
 

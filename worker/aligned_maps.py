@@ -56,9 +56,9 @@ import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
-from shmcache import hugemap
+from shmcache import hugemap, libc
 from shmcache.segment import SHM_DIR
 
 MMAP_SYMBOLS = frozenset({"mmap", "mmap64"})
@@ -86,14 +86,14 @@ def congruent_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int
             try:
                 if os.fstat(fd).st_dev == _state.get("shm_dev"):
                     got = hugemap.map_congruent(length, prot, flags, fd, offset)
-                    if got != hugemap.MAP_FAILED:
+                    if got != libc.MAP_FAILED:
                         return got
             except Exception:  # noqa: BLE001 - not placed, then: mapped as asked
                 pass
-        return hugemap.sys_mmap(addr, length, prot, flags, fd, offset)
+        return libc.sys_mmap(addr, length, prot, flags, fd, offset)
     except BaseException:  # noqa: BLE001 - fail this one call, cleanly
         ctypes.set_errno(errno.ENOMEM)
-        return hugemap.MAP_FAILED
+        return libc.MAP_FAILED
 
 
 def install() -> str | None:
@@ -116,7 +116,7 @@ def _install() -> str | None:
     hook = _MMAP_TYPE(congruent_mmap)
     _state["hook"] = hook  # alive for good before any slot points at it
     address = ctypes.cast(hook, ctypes.c_void_p).value
-    real = ctypes.cast(hugemap.libc().mmap, ctypes.c_void_p).value
+    real = ctypes.cast(libc.libc().mmap, ctypes.c_void_p).value
     written: list[int] = []
     for slot in slots:
         if not _store_pointer(slot, address):
@@ -160,42 +160,53 @@ def _mmap_slots() -> tuple[list[int], str]:
     path = os.path.realpath(binding.__file__)
     mapped = _mappings_of_file(path)
     first_load = first_load_vaddr(path)
-    start0 = next((start for start, _, offset, _ in mapped if offset == 0), None)
+    start0 = next((m.start for m in mapped if m.offset == 0), None)
     if start0 is None or first_load is None:
         raise ValueError(f"{path} is not mapped in this process, or not an ELF we read")
     base = start0 - first_load // hugemap.PAGE * hugemap.PAGE
-    real = ctypes.cast(hugemap.libc().mmap, ctypes.c_void_p).value
+    real = ctypes.cast(libc.libc().mmap, ctypes.c_void_p).value
     slots = []
     for offset in relocation_offsets(path, MMAP_SYMBOLS):
         slot = base + offset
-        if any(start <= slot and slot + 8 <= end for start, end, _, _ in mapped) \
+        if any(m.start <= slot and slot + 8 <= m.end for m in mapped) \
                 and ctypes.c_void_p.from_address(slot).value == real:
             slots.append(slot)
     return slots, path
 
 
-def _mappings_of_file(path: str) -> list[tuple[int, int, int, str]]:
-    """(start, end, file offset, permissions) of every mapping of ``path`` here."""
+class Mapping(NamedTuple):
+    start: int
+    end: int
+    perms: str  # "r-xp", "rw-s", ...
+    offset: int
+    path: str  # "" for an anonymous mapping
+
+
+def _maps() -> list[Mapping]:
+    """Every mapping of this process, from /proc/self/maps."""
     out = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(None, 5)
-            if len(fields) == 6 and os.path.realpath(fields[5].strip()) == path:
-                start, end = (int(v, 16) for v in fields[0].split("-"))
-                out.append((start, end, int(fields[2], 16), fields[1]))
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            path = fields[5].strip() if len(fields) == 6 else ""
+            out.append(Mapping(start, end, fields[1], int(fields[2], 16), path))
     return out
 
 
+def _mappings_of_file(path: str) -> list[Mapping]:
+    """Every mapping of the file ``path`` (a resolved path) here."""
+    name = os.path.basename(path)
+    return [m for m in _maps()
+            if os.path.basename(m.path) == name and os.path.realpath(m.path) == path]
+
+
 def _page_protection(page: int) -> int | None:
-    """PROT_* of the mapping holding ``page``, from /proc/self/maps."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(None, 5)
-            start, end = (int(v, 16) for v in fields[0].split("-"))
-            if start <= page < end:
-                perms = fields[1]
-                return (hugemap.PROT_READ if perms[0] == "r" else 0) \
-                    | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+    """PROT_* of the mapping holding ``page``."""
+    for m in _maps():
+        if m.start <= page < m.end:
+            return (hugemap.PROT_READ if m.perms[0] == "r" else 0) \
+                | (2 if m.perms[1] == "w" else 0) | (4 if m.perms[2] == "x" else 0)
     return None
 
 
@@ -206,7 +217,7 @@ def _store_pointer(slot: int, value: int | None) -> bool:
     had = _page_protection(page)
     if had is None:
         return False
-    mprotect = hugemap.libc().mprotect
+    mprotect = libc.libc().mprotect
     if had != had | PROT_READ_WRITE and mprotect(page, hugemap.PAGE, had | PROT_READ_WRITE) != 0:
         return False
     ctypes.c_void_p.from_address(slot).value = value
@@ -315,20 +326,12 @@ def collapse_mapped(segment: str) -> tuple[int, int]:
             possible += (end - start) // hugemap.HUGE_PAGE * hugemap.HUGE_PAGE
             continue
         a, b = hugemap.whole_huge_pages(start, end)
-        if b > a:
-            possible += b - a
-            done += hugemap.collapse_range(a, b - a)
+        possible += max(0, b - a)
+        done += hugemap.collapse_range(start, end - start)
     return done, possible
 
 
 def _mappings_of(path: str) -> list[tuple[int, int, int]]:
     """(start, end, file offset) of ORT's mappings of ``path`` in this process: the private
     ones (the segment reader's own mapping is shared, and placed by no one)."""
-    out = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(None, 5)
-            if len(fields) == 6 and fields[1].endswith("p") and fields[5].strip() == path:
-                start, end = (int(v, 16) for v in fields[0].split("-"))
-                out.append((start, end, int(fields[2], 16)))
-    return out
+    return [(m.start, m.end, m.offset) for m in _maps() if m.perms.endswith("p") and m.path == path]

@@ -135,7 +135,6 @@ class ModelRuntime:
     warmed: bool = False
     typical_seconds: float = 1.0  # moving average of successful runs; decides inline runs
     typical_input_bytes: float = 0.0  # moving average of their inputs' size, likewise
-    huge_bytes: int = 0  # of the weights ORT maps, those on 2 MiB pages (worker.aligned_maps)
     _input_index: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _output_names: set[str] = field(default_factory=set, repr=False)
     _required: list[str] = field(default_factory=list, repr=False)

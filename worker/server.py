@@ -271,7 +271,6 @@ class Worker:
             return
         started = time.perf_counter()
         done, possible = aligned_maps.collapse_mapped(runtime.segment.name)
-        runtime.huge_bytes = done
         log.info("%s v%d: %.0f of %.0f MiB of the weights ONNX Runtime maps are on 2 MiB pages "
                  "(%.3fs)", runtime.model, runtime.version, done / 2**20, possible / 2**20,
                  time.perf_counter() - started)
@@ -805,11 +804,11 @@ class ClientConnection(FramedConnection):
             self.finish()
 
     def data_received(self, data: bytes) -> None:
-        self.last_progress = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self.last_progress = loop.time()
         super().data_received(data)
         if self.stall_timer is None and self.decoder.pending() and self.transport is not None:
-            self.stall_timer = asyncio.get_running_loop().call_later(
-                self.worker.config.stall_timeout, self.check_stall)
+            self.stall_timer = loop.call_later(self.worker.config.stall_timeout, self.check_stall)
 
     def check_stall(self) -> None:
         """A frame half-sent and then nothing for stall_timeout seconds while we read: close.

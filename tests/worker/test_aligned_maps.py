@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from shmcache import Client, hugemap
+from shmcache import Client, hugemap, libc
 from tests import models
 from tests.supervisor.daemon import serving
 from worker import aligned_maps
@@ -129,16 +129,16 @@ def test_the_redirect_passes_every_other_call_through(shm_file: str, tmp_path: P
         fd = os.open(path, os.O_RDONLY)
         try:
             addr = hook(None, length, prot, flags, fd, 0)
-            assert addr not in (None, hugemap.MAP_FAILED)
+            assert addr not in (None, libc.MAP_FAILED)
             assert ctypes.string_at(addr, 16) == bytes([byte]) * 16
-            hugemap.libc().munmap(addr, length)
+            libc.libc().munmap(addr, length)
         finally:
             os.close(fd)
     anon = hook(None, 4 * MIB, 3, private | hugemap.MAP_ANONYMOUS, -1, 0)
-    assert anon not in (None, hugemap.MAP_FAILED)
-    hugemap.libc().munmap(anon, 4 * MIB)
+    assert anon not in (None, libc.MAP_FAILED)
+    libc.libc().munmap(anon, 4 * MIB)
     ctypes.set_errno(0)
-    assert hook(None, 4 * MIB, prot, private, 987654, 0) == hugemap.MAP_FAILED
+    assert hook(None, 4 * MIB, prot, private, 987654, 0) == libc.MAP_FAILED
     assert ctypes.get_errno() == 9  # EBADF, as mmap said
 
 
@@ -154,21 +154,21 @@ def test_a_placement_that_raises_maps_as_asked_and_a_failure_is_clean(
         monkeypatch.setattr(hugemap, "map_congruent", boom)
         addr = aligned_maps.congruent_mmap(None, 4 * MIB, hugemap.PROT_READ,
                                            hugemap.MAP_PRIVATE, fd, 0)
-        assert addr != hugemap.MAP_FAILED and ctypes.string_at(addr, 4) == b"\5" * 4
-        hugemap.libc().munmap(addr, 4 * MIB)
-        monkeypatch.setattr(hugemap, "sys_mmap", boom)
+        assert addr != libc.MAP_FAILED and ctypes.string_at(addr, 4) == b"\5" * 4
+        libc.libc().munmap(addr, 4 * MIB)
+        monkeypatch.setattr(libc, "sys_mmap", boom)
         assert aligned_maps.congruent_mmap(None, 4 * MIB, hugemap.PROT_READ,
-                                           hugemap.MAP_PRIVATE, fd, 0) == hugemap.MAP_FAILED
+                                           hugemap.MAP_PRIVATE, fd, 0) == libc.MAP_FAILED
     finally:
         os.close(fd)
 
 
 def test_storing_a_pointer_gives_the_page_back_its_permissions() -> None:
     for prot, perms in ((3, "rw"), (hugemap.PROT_READ, "r-")):
-        page = hugemap.sys_mmap(None, hugemap.PAGE, 3,
+        page = libc.sys_mmap(None, hugemap.PAGE, 3,
                                 hugemap.MAP_PRIVATE | hugemap.MAP_ANONYMOUS, -1, 0)
         try:
-            hugemap.libc().mprotect(page, hugemap.PAGE, prot)
+            libc.libc().mprotect(page, hugemap.PAGE, prot)
             assert aligned_maps._store_pointer(page + 8, 0x1234)
             assert ctypes.c_void_p.from_address(page + 8).value == 0x1234
             with open("/proc/self/maps") as f:  # the page may have merged with a neighbour
@@ -176,7 +176,7 @@ def test_storing_a_pointer_gives_the_page_back_its_permissions() -> None:
                             < int(ln.split()[0].split("-")[1], 16))
             assert line.split()[1].startswith(perms)
         finally:
-            hugemap.libc().munmap(page, hugemap.PAGE)
+            libc.libc().munmap(page, hugemap.PAGE)
 
 
 def test_a_congruent_mapping_reads_the_file(shm_file: str) -> None:
@@ -188,17 +188,17 @@ def test_a_congruent_mapping_reads_the_file(shm_file: str) -> None:
         addr = hugemap.map_congruent(4 * MIB, hugemap.PROT_READ, hugemap.MAP_SHARED, fd, offset)
     finally:
         os.close(fd)
-    assert addr != hugemap.MAP_FAILED
+    assert addr != libc.MAP_FAILED
     try:
         assert (addr - offset) % hugemap.HUGE_PAGE == 0
         assert ctypes.string_at(addr, 4 * MIB) == data[offset:offset + 4 * MIB].tobytes()
     finally:
-        hugemap.libc().munmap(addr, 4 * MIB)
+        libc.libc().munmap(addr, 4 * MIB)
     before = mappings_count()
     fd = os.open(shm_file, os.O_RDONLY)
     addr = hugemap.map_congruent(4 * MIB + 100, hugemap.PROT_READ, hugemap.MAP_SHARED, fd, 0)
     os.close(fd)
-    hugemap.libc().munmap(addr, 4 * MIB + 100)
+    libc.libc().munmap(addr, 4 * MIB + 100)
     assert mappings_count() == before  # the reservation's head and tail went too
 
 
@@ -215,7 +215,7 @@ def test_collapsed_file_is_mapped_huge_where_congruent(shm_file: str) -> None:
         assert hugemap.collapse_range(addr, 8 * MIB) == 8 * MIB
         assert pmd_mapped() - before == 8 * MIB
     finally:
-        hugemap.libc().munmap(addr, 8 * MIB)
+        libc.libc().munmap(addr, 8 * MIB)
 
 
 def build_segment(tmp_path: Path, model: Path, name: str, huge: bool) -> dict[str, object]:
