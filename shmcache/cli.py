@@ -178,14 +178,16 @@ def serve_config(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from supervisor.arbiter import serve
     from supervisor.config import ConfigError
+    from worker import heap
 
     try:
         config = serve_config(args).validate()
     except ConfigError as exc:
         print(f"shmcache serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    # Returns only when it would change nothing: glibc reads its tunables at start.
+    hugepages.reexec_with_tunable(config.huge_pages, heap.startup_tunables(config.release_memory))
     if config.huge_pages:
-        hugepages.reexec_with_tunable()  # returns only when it would change nothing
         hugepages.keep_small_pages()
     setup_logging(config.log_level)
     return serve(config)

@@ -13,7 +13,8 @@ Getting huge pages there and only there takes three steps, because the kernel's 
 
 1. ``glibc.malloc.hugetlb=1`` makes glibc advise every region it maps: large blocks and the
    heap. It is read when a process starts, so ``shmcache serve`` re-executes itself once with
-   it (``reexec_with_tunable``).
+   it (``reexec_with_tunable``), and with any other start-only tunable the daemon wants
+   (worker.heap's), so that there is one re-exec.
 2. Huge pages on the heap would round every worker's idle heap up to 2 MiB pages (measured:
    +1.6 MiB per empty worker, +-1.2 MiB of noise, against a per-worker budget of 0.28 MiB on a
    14 MiB model), so the daemon turns THP off for itself at once (``prctl(PR_SET_THP_DISABLE)``,
@@ -35,7 +36,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from shmcache.libc import libc
@@ -72,25 +73,39 @@ def has_tunable(environ: Mapping[str, str]) -> bool:
     return TUNABLE in environ.get(TUNABLES_ENV, "").split(":")
 
 
-def environ_with_tunable(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """The environment to re-execute with, or None when that would change nothing."""
+def environ_with_tunable(environ: Mapping[str, str], huge: bool = True,
+                         extra: Sequence[str] = ()) -> dict[str, str] | None:
+    """The environment to re-execute with, or None when that would change nothing: the
+    hugetlb tunable if ``huge`` and it can help here, and the ``extra`` glibc tunables (other
+    modules' malloc settings that, like this one, glibc reads only at start), each added to
+    the user's own unless the user set it already."""
     version = glibc_version()
-    if has_tunable(environ) or version is None or version < MIN_GLIBC or thp_mode() != "madvise":
+    if version is None:  # not glibc: no tunables at all
+        return None
+    wanted = list(extra)
+    if huge and version >= MIN_GLIBC and thp_mode() == "madvise":
+        wanted.append(TUNABLE)
+    # A tunable the user set, to any value, is theirs.
+    have = {t.split("=", 1)[0] for t in environ.get(TUNABLES_ENV, "").split(":")}
+    missing = [t for t in wanted if t.split("=", 1)[0] not in have]
+    if not missing:
         return None
     env = dict(environ)
-    env[TUNABLES_ENV] = ":".join(t for t in (env.get(TUNABLES_ENV), TUNABLE) if t)
+    env[TUNABLES_ENV] = ":".join(t for t in (env.get(TUNABLES_ENV), *missing) if t)
     return env
 
 
-def reexec_with_tunable() -> None:
-    """Replace this process by itself started with the tunable (same pid, argv, descriptors
-    that are inheritable), unless it has it already or it would not help."""
-    env = environ_with_tunable(os.environ)
+def reexec_with_tunable(huge: bool = True, extra: Sequence[str] = ()) -> None:
+    """Replace this process by itself started with the tunables (same pid, argv, descriptors
+    that are inheritable), unless it has them already or they would not help."""
+    env = environ_with_tunable(os.environ, huge, extra)
     if env is None:
         return
-    # Off before the exec, not after: the flag survives execve, and the new interpreter's
-    # first heap pages must not be huge (they would be, being advised and faulted at start).
-    libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    if has_tunable(env):
+        # Off before the exec, not after: the flag survives execve, and the new interpreter's
+        # first heap pages must not be huge (they would be, being advised and faulted at
+        # start).
+        libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

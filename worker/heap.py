@@ -25,6 +25,29 @@ of a thread arena's heap, where a freed run's buffers end up (3.0 MiB left with 
 arenas); and when the worker has been idle for ``IDLE_SECONDS``, ``malloc_trim(0)`` returns
 every free page (the top of the heap and free pages in the middle of it). Elsewhere than
 glibc all of this is a no-op and memory behaves as malloc does.
+
+One thing malloc_trim cannot reach: glibc's per-thread caches (tcache, glibc >= 2.26). A small
+chunk freed into a thread's tcache still looks in use to malloc, so it neither merges with its
+free neighbours nor is trimmed, and only that thread's exit returns it. Walking a Conv worker's
+heap at rest after 100 runs found one at the start of each of the ~10 large free chunks the
+run's buffers had left, holding the heap's top 30 MiB up (a page each, and the top unreturned).
+So a daemon that releases memory runs with ``glibc.malloc.tcache_count=0``
+(``STARTUP_TUNABLES``; read only when a process starts, so ``shmcache serve`` re-executes itself
+once with it, shmcache.hugepages). Measured with benchmarks/memory.py's models, 2 workers,
+pre-packed, the private memory of an idle worker (USS without clean file pages) and what the
+Conv model adds to it over the tiny model:
+
+===========  ======================  ======================  =========================
+tcache       Conv worker             tiny-model worker       Conv - tiny (target 289)
+===========  ======================  ======================  =========================
+on           21.5-21.6 MiB           21.3-21.4 MiB           96-322 KiB, mean 171 (9)
+off (this)   20.9-21.0 MiB           20.8-20.9 MiB           -20-154 KiB, mean 71 (8)
+===========  ======================  ======================  =========================
+
+(n) = daemons of each model. Its cost is not measurable: benchmarks/speed.py alternating a
+daemon with and without (``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` set by hand), two runs
+each, gave a tiny-model round trip of 108-112 us p50 both ways, and MLP ratios of 1.003-1.026x
+with the cache against 1.008-1.016x without.
 """
 
 from __future__ import annotations
@@ -57,6 +80,15 @@ TOP_RELEASE_MIN = 64 * 1024
 # Free chunks malloc may hand out before the top (best fit comes first). After 100 Conv runs a
 # worker's heap needed 2-33 takes (32 missed the top in 3 of 6 workers): each costs a header.
 TOP_TAKES = 1024
+
+
+# glibc tunables for the daemon's processes while idle workers release memory (see above).
+STARTUP_TUNABLES = ("glibc.malloc.tcache_count=0",)
+
+
+def startup_tunables(release_memory: bool) -> tuple[str, ...]:
+    """The glibc tunables ``shmcache serve`` re-executes with for this heap policy."""
+    return STARTUP_TUNABLES if release_memory else ()
 
 
 class MallInfo2(ctypes.Structure):

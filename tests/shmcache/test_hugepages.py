@@ -47,6 +47,32 @@ def test_tunable_is_added_to_the_users_tunables_once(monkeypatch: pytest.MonkeyP
     assert hugepages.environ_with_tunable({})["GLIBC_TUNABLES"] == hugepages.TUNABLE  # type: ignore[index]
 
 
+def test_other_tunables_are_added_whatever_the_thp_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "always")  # hugetlb cannot help here
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 36))
+    tcache = "glibc.malloc.tcache_count=0"
+    env = hugepages.environ_with_tunable({}, extra=[tcache])
+    assert env == {"GLIBC_TUNABLES": tcache}
+    assert hugepages.environ_with_tunable(env, extra=[tcache]) is None  # no second exec
+    assert hugepages.environ_with_tunable({}, huge=False) is None
+
+
+def test_a_tunable_the_user_set_is_left_as_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 36))
+    mine = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7:glibc.malloc.hugetlb=0"}
+    assert hugepages.environ_with_tunable(mine, extra=["glibc.malloc.tcache_count=0"]) is None
+    env = hugepages.environ_with_tunable({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"},
+                                         extra=["glibc.malloc.tcache_count=0"])
+    assert env == {"GLIBC_TUNABLES": f"glibc.malloc.tcache_count=7:{hugepages.TUNABLE}"}
+
+
+def test_no_tunables_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: None)
+    assert hugepages.environ_with_tunable({}, extra=["glibc.malloc.tcache_count=0"]) is None
+
+
 @pytest.mark.parametrize("mode, version", [("always", (2, 36)), ("never", (2, 36)),
                                            ("", (2, 36)), ("madvise", (2, 34)),
                                            ("madvise", None)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from shmcache.paths import control_socket_path
 from supervisor.arbiter import EXIT_STARTUP
 from tests.supervisor.daemon import ROOT, Daemon, serving, wait_until
 from worker.runtime import SessionSettings
+from worker import heap
 from worker.server import PREPARE_PRECEDENCE
 
 SIZES = (64, 256, 32)
@@ -216,6 +218,21 @@ def test_version_that_fails_on_a_worker_never_goes_live(
     assert call(daemon, x)[1] == 3
 
 
+def tunables_of(pid: int) -> list[str]:
+    """GLIBC_TUNABLES as a process started with it. glibc (2.36) writes NULs over the ':'s of
+    the string it parsed, which /proc/PID/environ shows (the process's own copy is whole), so
+    the entries after it that are tunables are part of it."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        entries = f.read().split(b"\0")
+    prefix = b"GLIBC_TUNABLES="
+    for i, entry in enumerate(entries):
+        if entry.startswith(prefix):
+            parts = [entry[len(prefix):]]
+            parts += itertools.takewhile(lambda e: e.startswith(b"glibc."), entries[i + 1:])
+            return [t.decode() for part in parts for t in part.split(b":") if t]
+    return []
+
+
 def thp_enabled(pid: int) -> str:
     with open(f"/proc/{pid}/status") as f:
         return next(line.split()[1] for line in f if line.startswith("THP_enabled"))
@@ -228,8 +245,7 @@ def test_huge_pages_only_while_a_publish_creates_its_sessions(
 ) -> None:
     with serving(tmp_path, {"m": weights["A"]}, extra=["--huge-pages"]) as daemon:
         pid = daemon.proc.pid  # the re-executed daemon keeps the pid it was started with
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            assert f"GLIBC_TUNABLES={hugepages.TUNABLE}".encode() in f.read().split(b"\0")
+        assert hugepages.TUNABLE in tunables_of(pid)
         everyone = [pid, *daemon.worker_pids(role=None)]
         assert {thp_enabled(p) for p in everyone} == {"0"}
         assert publish(daemon, weights["B"]).returncode == 0
@@ -248,6 +264,30 @@ def test_without_huge_pages_the_daemon_runs_as_started(
         with open(f"/proc/{daemon.proc.pid}/environ", "rb") as f:
             assert hugepages.TUNABLE.encode() not in f.read()
         assert thp_enabled(daemon.proc.pid) == thp_enabled(os.getpid())  # as inherited
+
+
+@pytest.mark.skipif(hugepages.glibc_version() is None, reason="glibc tunables")
+@pytest.mark.parametrize("release", [True, False])
+def test_workers_that_release_memory_run_without_malloc_thread_caches(
+    tmp_path: Path, weights: dict[str, Path], release: bool
+) -> None:
+    """A freed chunk in a thread's tcache pins heap pages malloc_trim cannot return
+    (worker.heap); the daemon re-executes itself with the tunable, huge pages or not, unless
+    idle workers keep their memory anyway."""
+    flag = "--release-memory" if release else "--no-release-memory"
+    with serving(tmp_path, {"m": weights["A"]}, extra=["--no-huge-pages", flag]) as daemon:
+        everyone = [daemon.proc.pid, *daemon.worker_pids(role=None)]
+        assert len(everyone) >= 3
+        assert {heap.STARTUP_TUNABLES[0] in tunables_of(p) for p in everyone} == {release}
+        assert hugepages.TUNABLE not in tunables_of(daemon.proc.pid)
+        assert call(daemon, np.ones((2, 64), np.float32))[1] == 1  # and serves
+
+
+def test_a_tunable_set_by_the_user_is_kept(tmp_path: Path, weights: dict[str, Path]) -> None:
+    mine = "glibc.malloc.tcache_count=3"
+    with serving(tmp_path, {"m": weights["A"]}, extra=["--no-huge-pages"],
+                 env={"GLIBC_TUNABLES": mine}) as daemon:
+        assert tunables_of(daemon.proc.pid) == [mine]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
