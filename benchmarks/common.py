@@ -266,12 +266,18 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
     path contains ``code_marker`` (ONNX Runtime's code: the kernels a model runs are pages of it).
     seg_anon: anonymous pages inside segment mappings, i.e. copies made by writes to a private
     mapping (ORT maps MAP_PRIVATE): private memory, though they sit in a segment's mapping.
-    code_uss / code_anon: the same two over ONNX Runtime's library mappings."""
+    code_uss / code_anon: the same two over ONNX Runtime's library mappings. file_clean: the
+    clean pages of files (libraries, segments; not memfds nor deleted files, whose pages go
+    with their mappings) that this process alone maps: page cache, which stays when the
+    process exits and is shared by whoever maps the page. Not file_uss - file_anon: pages a
+    write copied are anonymous but may still be shared with the process this one forked from,
+    so they count in Anonymous and not in USS."""
     keys = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss",
             "Anonymous": "anon"}
     out = dict.fromkeys(("rss", "pss", "uss", "anon", "seg_rss", "seg_pss", "seg_uss",
-                         "seg_anon", "code_rss", "code_pss", "code_uss", "code_anon"), 0)
-    in_seg = in_code = False
+                         "seg_anon", "code_rss", "code_pss", "code_uss", "code_anon",
+                         "file_clean"), 0)
+    in_seg = in_code = in_file = False
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             head = line.split(None, 1)[0]
@@ -283,11 +289,16 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
                     out["seg_" + kind] += value
                 if in_code:
                     out["code_" + kind] += value
+                if in_file and head == "Private_Clean:":
+                    out["file_clean"] += value
             elif not head.endswith(":"):  # a mapping's header line: address perms offset dev inode path
                 parts = line.split(None, 5)
                 path = parts[5].strip() if len(parts) == 6 else ""
                 in_seg = path.startswith(shm_prefix)
                 in_code = code_marker in path and ".so" in path
+                # A deleted file's pages go with its last mapping: those count as private.
+                in_file = (path.startswith("/") and not path.startswith("/memfd:")
+                           and not path.endswith("(deleted)"))
     return out
 
 
