@@ -266,18 +266,27 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
     path contains ``code_marker`` (ONNX Runtime's code: the kernels a model runs are pages of it).
     seg_anon: anonymous pages inside segment mappings, i.e. copies made by writes to a private
     mapping (ORT maps MAP_PRIVATE): private memory, though they sit in a segment's mapping.
-    code_uss / code_anon: the same two over ONNX Runtime's library mappings. file_clean: the
-    clean pages of files (libraries, segments; not memfds nor deleted files, whose pages go
-    with their mappings) that this process alone maps: page cache, which stays when the
-    process exits and is shared by whoever maps the page. Not file_uss - file_anon: pages a
-    write copied are anonymous but may still be shared with the process this one forked from,
-    so they count in Anonymous and not in USS."""
+    code_uss / code_anon: the same two over ONNX Runtime's library mappings. file_lone: the
+    pages of files (libraries, segments; not memfds nor deleted files, whose pages go with
+    their mappings) that this process alone maps: page cache, which stays when the process
+    exits and is shared by whoever maps the page. Per mapping, Private_Clean plus the dirty
+    private pages that are not anonymous (a tmpfs file's pages are dirty: a segment mapped by
+    one worker), at least 0: pages a write copied are anonymous but may still be shared with
+    the process this one forked from, so Anonymous may exceed Private_Dirty there."""
     keys = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss",
             "Anonymous": "anon"}
     out = dict.fromkeys(("rss", "pss", "uss", "anon", "seg_rss", "seg_pss", "seg_uss",
                          "seg_anon", "code_rss", "code_pss", "code_uss", "code_anon",
-                         "file_clean"), 0)
+                         "file_lone"), 0)
     in_seg = in_code = in_file = False
+    mapping: dict[str, int] = {}  # the current mapping's own figures, by smaps field
+
+    def end_mapping() -> None:
+        if in_file:
+            dirty_file = mapping.get("Private_Dirty", 0) - mapping.get("Anonymous", 0)
+            out["file_lone"] += mapping.get("Private_Clean", 0) + max(0, dirty_file)
+        mapping.clear()
+
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             head = line.split(None, 1)[0]
@@ -285,13 +294,13 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
                 kind = keys[head[:-1]]
                 value = int(line.split()[1]) * 1024
                 out[kind] += value
+                mapping[head[:-1]] = value
                 if in_seg:
                     out["seg_" + kind] += value
                 if in_code:
                     out["code_" + kind] += value
-                if in_file and head == "Private_Clean:":
-                    out["file_clean"] += value
             elif not head.endswith(":"):  # a mapping's header line: address perms offset dev inode path
+                end_mapping()
                 parts = line.split(None, 5)
                 path = parts[5].strip() if len(parts) == 6 else ""
                 in_seg = path.startswith(shm_prefix)
@@ -299,6 +308,7 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
                 # A deleted file's pages go with its last mapping: those count as private.
                 in_file = (path.startswith("/") and not path.startswith("/memfd:")
                            and not path.endswith("(deleted)"))
+    end_mapping()
     return out
 
 

@@ -197,10 +197,10 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
 
 
 def lone_file_pages(m: dict[str, int]) -> int:
-    """Page-cache pages in USS only because no other process maps them at the moment: clean
-    file pages (code, segment) this process alone maps. Copies written out of them are dirty
-    and anonymous, the process's own: they stay in private memory."""
-    return m["file_clean"]
+    """Page-cache pages in USS only because no other process maps them at the moment: file
+    pages (code, segment) this process alone maps. Copies written out of them are anonymous,
+    the process's own: they stay in private memory."""
+    return m["file_lone"]
 
 
 def private(m: dict[str, int]) -> int:
@@ -309,7 +309,7 @@ def main() -> int:
           f"{MIN_AGE:.0f} s after each worker started; MiB. MLP {mib(sizes['mlp'])} MiB file"
           + (f", Conv {mib(sizes['conv'])} MiB file" if "conv" in names else "") + ".")
     print("empty = same mode and worker count serving only the tiny model (naive: a naive process "
-          "on the tiny model); lone file pages = clean file pages (code, segment) no other "
+          "on the tiny model); lone file pages = file pages (code, segment) no other "
           "process maps, in USS but page cache; private = USS - lone file pages; attributable = "
           "private - empty private; USS attributable = USS - empty USS, for reference; "
           "total = sum(PSS outside /dev/shm) "
