@@ -150,7 +150,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release-memory", dest="release_memory",
                    action=argparse.BooleanOptionalAction, default=None,
                    help="idle workers return their working memory to the OS instead of "
-                        "keeping it in ONNX Runtime's arena (default on)")
+                        "keeping it in ONNX Runtime's arena (default on; on glibc the daemon "
+                        "re-executes itself once with GLIBC_TUNABLES=glibc.malloc.tcache_count=0)")
     p.add_argument("--huge-pages", dest="huge_pages",
                    action=argparse.BooleanOptionalAction, default=None,
                    help="huge pages for ONNX Runtime's transient re-packs while a publish "
@@ -159,7 +160,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_socket_arg(p)
 
 
-def serve_config(args: argparse.Namespace) -> Any:
+def serve_config(args: argparse.Namespace, warn: Callable[[str], None]) -> Any:
     """Defaults < --config file < flags given < SHMCACHE_* environment (supervisor.configfile)."""
     from supervisor.config import ModelSpec
     from supervisor.configfile import load_config, option_types
@@ -167,9 +168,7 @@ def serve_config(args: argparse.Namespace) -> Any:
     cli = {k: v for k, v in vars(args).items() if k in option_types() and v is not None}
     if args.model:
         cli["models"] = list(args.model)
-    config = load_config(args.config, cli, os.environ,
-                         warn=lambda text: print(f"shmcache serve: warning: {text}",
-                                                 file=sys.stderr))
+    config = load_config(args.config, cli, os.environ, warn=warn)
     if not config.models:
         config.models = [ModelSpec("embedded", embedded_model_path())]
     return config
@@ -180,13 +179,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from supervisor.config import ConfigError
     from worker import heap
 
+    warnings: list[str] = []  # printed once, by the image that serves
     try:
-        config = serve_config(args).validate()
+        config = serve_config(args, warnings.append).validate()
     except ConfigError as exc:
+        for text in warnings:
+            print(f"shmcache serve: warning: {text}", file=sys.stderr)
         print(f"shmcache serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     # Returns only when it would change nothing: glibc reads its tunables at start.
     hugepages.reexec_with_tunable(config.huge_pages, heap.startup_tunables(config.release_memory))
+    for text in warnings:
+        print(f"shmcache serve: warning: {text}", file=sys.stderr)
     if config.huge_pages:
         hugepages.keep_small_pages()
     setup_logging(config.log_level)

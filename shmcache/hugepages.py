@@ -24,8 +24,9 @@ Getting huge pages there and only there takes three steps, because the kernel's 
    boot: a first session grows the heap with ORT's own structures (+2.2 MiB per Conv worker
    measured when boot was included).
 
-Everything here is a no-op where it cannot work (not glibc >= 2.35, THP ``never`` or
-``always``, no /sys) or when the serve option ``huge_pages`` is off (``--no-huge-pages``).
+The huge pages are a no-op where they cannot work (not glibc >= 2.35, THP ``never`` or
+``always``, no /sys) or when the serve option ``huge_pages`` is off (``--no-huge-pages``); the
+re-exec may still happen for the other tunables, and then leaves THP as it was.
 One more cost is paid elsewhere: under the tunable glibc trims the heap's top only in 2 MiB
 steps, which worker.heap.trim_heap makes up for; with it, benchmarks/memory.py measures the
 same per-worker memory with huge pages as without (Conv 1.3-1.4% of the model per worker).
@@ -43,6 +44,7 @@ from shmcache.libc import libc
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 TUNABLES_ENV = "GLIBC_TUNABLES"
+REEXEC_MARK = "SHMCACHE_REEXECUTED"  # set for the re-executed image only, which removes it
 THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 PR_SET_THP_DISABLE = 41
 PR_GET_THP_DISABLE = 42
@@ -95,16 +97,28 @@ def environ_with_tunable(environ: Mapping[str, str], huge: bool = True,
     return env
 
 
+def small_pages_before_exec(env: Mapping[str, str], huge: bool) -> bool:
+    """Whether THP goes off before the exec: only where the new image will keep small pages
+    (keep_small_pages), and then before, not after: the flag survives execve, and the new
+    interpreter's first heap pages must not be huge (they would be, advised and faulted at
+    start). A hugetlb tunable the user set with huge pages off, or under another THP mode,
+    leaves THP as it was."""
+    return huge and has_tunable(env) and thp_mode() == "madvise"
+
+
 def reexec_with_tunable(huge: bool = True, extra: Sequence[str] = ()) -> None:
     """Replace this process by itself started with the tunables (same pid, argv, descriptors
-    that are inheritable), unless it has them already or they would not help."""
+    that are inheritable), unless it has them already or they would not help. Once only: the
+    new image finds REEXEC_MARK and does not try again, even where the loader dropped the
+    tunables (setuid, or an interpreter with file capabilities, drops GLIBC_TUNABLES in glibc
+    2.26-2.38) and they would look missing for ever."""
+    if os.environ.pop(REEXEC_MARK, None) is not None:
+        return
     env = environ_with_tunable(os.environ, huge, extra)
     if env is None:
         return
-    if has_tunable(env):
-        # Off before the exec, not after: the flag survives execve, and the new interpreter's
-        # first heap pages must not be huge (they would be, being advised and faulted at
-        # start).
+    env[REEXEC_MARK] = "1"
+    if small_pages_before_exec(env, huge):
         libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     sys.stdout.flush()
     sys.stderr.flush()

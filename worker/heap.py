@@ -34,8 +34,8 @@ run's buffers had left, holding the heap's top 30 MiB up (a page each, and the t
 So a daemon that releases memory runs with ``glibc.malloc.tcache_count=0``
 (``STARTUP_TUNABLES``; read only when a process starts, so ``shmcache serve`` re-executes itself
 once with it, shmcache.hugepages). Measured with benchmarks/memory.py's models, 2 workers,
-pre-packed, the private memory of an idle worker (USS without clean file pages) and what the
-Conv model adds to it over the tiny model:
+pre-packed, the private memory of an idle worker (USS without the file pages it alone maps,
+which are page cache) and what the Conv model adds to it over the tiny model:
 
 ===========  ======================  ======================  =========================
 tcache       Conv worker             tiny-model worker       Conv - tiny (target 289)

@@ -67,6 +67,30 @@ def test_a_tunable_the_user_set_is_left_as_set(monkeypatch: pytest.MonkeyPatch) 
     assert env == {"GLIBC_TUNABLES": f"glibc.malloc.tcache_count=7:{hugepages.TUNABLE}"}
 
 
+@pytest.mark.parametrize("huge, mode, small", [(True, "madvise", True), (False, "madvise", False),
+                                               (True, "always", False), (True, "never", False)])
+def test_thp_goes_off_before_the_exec_only_where_huge_pages_will_be_kept_small(
+    monkeypatch: pytest.MonkeyPatch, huge: bool, mode: str, small: bool
+) -> None:
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: mode)
+    env = {"GLIBC_TUNABLES": f"{hugepages.TUNABLE}:glibc.malloc.tcache_count=0"}
+    assert hugepages.small_pages_before_exec(env, huge) is small
+    assert hugepages.small_pages_before_exec({"GLIBC_TUNABLES": ""}, huge) is False
+
+
+def test_the_reexecuted_image_does_not_exec_again() -> None:
+    """Where the loader drops GLIBC_TUNABLES (setuid, file capabilities) the tunables would look
+    missing after every exec: the mark stops a second one, and is not passed on."""
+    out = run_python("""
+        import json, os
+        from shmcache import hugepages
+        hugepages.reexec_with_tunable(extra=["glibc.malloc.tcache_count=0"])
+        print(json.dumps({"mark": hugepages.REEXEC_MARK in os.environ,
+                          "tunables": os.environ.get("GLIBC_TUNABLES", "")}))
+    """, env={"GLIBC_TUNABLES": "", hugepages.REEXEC_MARK: "1"})
+    assert out == {"mark": False, "tunables": ""}
+
+
 def test_no_tunables_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
     monkeypatch.setattr(hugepages, "glibc_version", lambda: None)

@@ -275,11 +275,16 @@ def test_workers_that_release_memory_run_without_malloc_thread_caches(
     (worker.heap); the daemon re-executes itself with the tunable, huge pages or not, unless
     idle workers keep their memory anyway."""
     flag = "--release-memory" if release else "--no-release-memory"
-    with serving(tmp_path, {"m": weights["A"]}, extra=["--no-huge-pages", flag]) as daemon:
+    with serving(tmp_path, {"m": weights["A"]},
+                 extra=["--no-huge-pages", flag, "--stall-timeout", "30"],
+                 env={"GLIBC_TUNABLES": "",  # not the runner's own
+                      "SHMCACHE_STALL_TIMEOUT": "29"}) as daemon:  # a config warning
         everyone = [daemon.proc.pid, *daemon.worker_pids(role=None)]
         assert len(everyone) >= 3
         assert {heap.STARTUP_TUNABLES[0] in tunables_of(p) for p in everyone} == {release}
         assert hugepages.TUNABLE not in tunables_of(daemon.proc.pid)
+        assert thp_enabled(daemon.proc.pid) == thp_enabled(os.getpid())  # left as it was
+        assert daemon.log_text().count("SHMCACHE_STALL_TIMEOUT overrides") == 1  # re-exec or not
         assert call(daemon, np.ones((2, 64), np.float32))[1] == 1  # and serves
 
 
