@@ -272,12 +272,13 @@ def smaps_memory(pid: int, shm_prefix: str = "/dev/shm/",
     exits and is shared by whoever maps the page. Per mapping, Private_Clean plus the dirty
     private pages that are not anonymous (a tmpfs file's pages are dirty: a segment mapped by
     one worker), at least 0: pages a write copied are anonymous but may still be shared with
-    the process this one forked from, so Anonymous may exceed Private_Dirty there."""
+    the process this one forked from, so Anonymous may exceed Private_Dirty there. swap: bytes
+    swapped out (an anonymous page read back from swap is clean, and would pass for a file's)."""
     keys = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss",
-            "Anonymous": "anon"}
-    out = dict.fromkeys(("rss", "pss", "uss", "anon", "seg_rss", "seg_pss", "seg_uss",
-                         "seg_anon", "code_rss", "code_pss", "code_uss", "code_anon",
-                         "file_lone"), 0)
+            "Anonymous": "anon", "Swap": "swap"}
+    out = dict.fromkeys(("rss", "pss", "uss", "anon", "swap", "seg_rss", "seg_pss", "seg_uss",
+                         "seg_anon", "seg_swap", "code_rss", "code_pss", "code_uss", "code_anon",
+                         "code_swap", "file_lone"), 0)
     in_seg = in_code = in_file = False
     mapping: dict[str, int] = {}  # the current mapping's own figures, by smaps field
 

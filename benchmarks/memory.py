@@ -175,6 +175,9 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
         seg_pages = sum(shm_pages(s) for s in segments)
         seg_size = sum(os.stat(f"/dev/shm/{s}").st_size for s in segments)
         log = daemon.log()
+        if any(m["swap"] for m in busy + everyone):
+            notes.append(f"{tag}: processes had pages in swap; their USS and private memory "
+                         "are not comparable")
     finally:
         code = daemon.stop()
     if code != 0:
