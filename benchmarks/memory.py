@@ -190,7 +190,7 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
         "pss": np.mean([m["pss"] for m in per_worker]),
         "private": np.mean([private(m) for m in per_worker]),
         "private_busy": np.mean([private(m) for m in busy]),
-        "lone_files": np.mean([lone_file_pages(m) for m in per_worker]),
+        "lone_files": np.mean([m["file_lone"] for m in per_worker]),
         "total": sum(m["pss"] - m["seg_pss"] for m in everyone) + seg_pages,
         "literal": sum(m["pss"] for m in everyone) + seg_pages,
         "code": sum(m["code_pss"] for m in everyone),
@@ -199,17 +199,12 @@ def measure_daemon(tmp: Path, tag: str, model: str, path: Path, workers: int, mo
     }
 
 
-def lone_file_pages(m: dict[str, int]) -> int:
-    """Page-cache pages in USS only because no other process maps them at the moment: file
-    pages (code, segment) this process alone maps. Copies written out of them are anonymous,
-    the process's own: they stay in private memory."""
-    return m["file_lone"]
-
-
 def private(m: dict[str, int]) -> int:
     """Memory the process alone holds and gives back when it exits: USS without lone file
-    pages."""
-    return m["uss"] - lone_file_pages(m)
+    pages, the page-cache pages (code, segment) in USS only because no other process maps
+    them at the moment. Copies written out of them are anonymous, the process's own: they
+    stay."""
+    return m["uss"] - m["file_lone"]
 
 
 def private_outside_segments(m: dict[str, int]) -> int:
@@ -238,7 +233,7 @@ def measure_naive(path: Path, workers: int, shape: list[int], n: int) -> dict:
     return {"uss": np.mean([m["uss"] for m in mem]), "pss": np.mean([m["pss"] for m in mem]),
             "private": np.mean([private(m) for m in mem]),
             "private_busy": np.mean([private(m) for m in mem]),
-            "lone_files": np.mean([lone_file_pages(m) for m in mem]),
+            "lone_files": np.mean([m["file_lone"] for m in mem]),
             "total": sum(m["pss"] for m in mem), "literal": sum(m["pss"] for m in mem),
             "code": sum(m["code_pss"] for m in mem), "seg_pages": 0, "seg_size": 0, "notes": [],
             "spares": 0, "spare_uss_out": 0}

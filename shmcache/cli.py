@@ -180,17 +180,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from worker import heap
 
     warnings: list[str] = []  # printed once, by the image that serves
+
+    def print_warnings() -> None:
+        for text in warnings:
+            print(f"shmcache serve: warning: {text}", file=sys.stderr)
+
     try:
         config = serve_config(args, warnings.append).validate()
     except ConfigError as exc:
-        for text in warnings:
-            print(f"shmcache serve: warning: {text}", file=sys.stderr)
+        print_warnings()
         print(f"shmcache serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     # Returns only when it would change nothing: glibc reads its tunables at start.
     hugepages.reexec_with_tunable(config.huge_pages, heap.startup_tunables(config.release_memory))
-    for text in warnings:
-        print(f"shmcache serve: warning: {text}", file=sys.stderr)
+    print_warnings()
     if config.huge_pages:
         hugepages.keep_small_pages()
     setup_logging(config.log_level)

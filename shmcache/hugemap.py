@@ -48,6 +48,8 @@ MAP_PRIVATE = 0x02
 MAP_FIXED = 0x10
 MAP_ANONYMOUS = 0x20
 MAP_NORESERVE = 0x4000
+
+
 def round_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 

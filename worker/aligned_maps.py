@@ -56,7 +56,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from shmcache import hugemap, libc
 from shmcache.segment import SHM_DIR
@@ -226,14 +226,22 @@ def _store_pointer(slot: int, value: int | None) -> bool:
     return True
 
 
+def _elf64_header(f: BinaryIO) -> bytes | None:
+    """The 64-byte file header of a 64-bit little-endian ELF, None for any other file."""
+    ident = f.read(64)
+    if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
+        return None
+    return ident
+
+
 def first_load_vaddr(path: str) -> int | None:
     """p_vaddr of the PT_LOAD segment at file offset 0 of a 64-bit little-endian ELF (a shared
     object's load bias is where that segment is mapped minus this). Program headers: e_phoff
     at 32, e_phentsize / e_phnum at 54; each p_type (4), p_flags (4), p_offset, p_vaddr..."""
     try:
         with open(path, "rb") as f:
-            ident = f.read(64)
-            if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
+            ident = _elf64_header(f)
+            if ident is None:
                 return None
             (phoff,) = struct.unpack_from("<Q", ident, 32)
             phentsize, phnum = struct.unpack_from("<HH", ident, 54)
@@ -265,10 +273,8 @@ def relocation_offsets(path: str, symbols: frozenset[str]) -> list[int]:
 def _relocation_offsets(path: str, symbols: frozenset[str]) -> list[int]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        ident = f.read(64)
-        if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
-            return []  # not 64-bit little-endian
-        if struct.unpack_from("<H", ident, 18)[0] != EM_X86_64:
+        ident = _elf64_header(f)
+        if ident is None or struct.unpack_from("<H", ident, 18)[0] != EM_X86_64:
             return []
         (shoff,) = struct.unpack_from("<Q", ident, 40)
         shentsize, shnum = struct.unpack_from("<HH", ident, 58)
